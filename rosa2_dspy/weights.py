@@ -1,0 +1,314 @@
+"""The weights step: ROSA's one-step LoRA update, shaped like a DSPy teleprompter.
+
+Spec step 4. Given observed responses ``y_1..y_n`` to one context ``x`` with rewards ``r_i`` in [0, 1],
+the reference-optimal policy of ``max E[r] - beta KL(pi || pi_theta)`` is
+``pi*(y|x) ∝ pi_theta(y|x) exp(r(x, y)/beta)``, i.e. ``log pi*/pi_theta = r/beta - log Z``. ROSA takes one
+linearised step towards it: with ``g_i = ∇_theta log pi_theta(y_i|x)`` (adapter parameters only) and
+targets ``a_i = (r_i - r̄)/beta`` (``log Z`` estimated by the mean reward),
+
+    Δθ = argmin Σ_i (g_iᵀΔθ - a_i)² + λ‖Δθ‖²  =  Gᵀ (G Gᵀ + λ I)⁻¹ a,
+
+an n×n solve after n backward passes. Guards: a trust region ``‖Δθ‖ <= max_norm`` and no update from
+non-finite numbers or a failed solve (the reason is recorded; the adapter is untouched).
+
+Choices (ours, documented here):
+
+* **Log-probs are summed over the response's tokens** (``length_normalize=False``). That is the
+  sequence log-probability the RLHF objective is written in, so ``g_iᵀΔθ = a_i`` really moves
+  ``log pi(y_i)`` by the log-ratio of ``pi*``. Length normalisation (mean per-token log-prob) is an option;
+  it makes long and short responses weigh alike but asks each *token* to move by ``a_i``, a far larger
+  step for long responses.
+* **λ is relative**: ``λ = ridge · mean_i ‖g_i‖²``. Gradient norms differ by orders of magnitude between
+  models and response lengths; a relative ridge means the same value regularises alike everywhere.
+* **A lone response**: with one response the mean baseline makes its target 0 (no signal). Then the
+  baseline is ``lone_baseline`` (0.5, the middle of the reward range): a lone failure is pushed down,
+  a lone success pulled up.
+
+Baselines behind the same interface, for the benchmarks: :class:`IterativeTTT` (k Adam/SGD steps on
+the same log-ratio targets) and :class:`NoUpdate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from dspy.teleprompt import Teleprompter
+
+from rosa2_dspy.local_lm import ChatMessages, LocalLM, LoRAPolicy
+
+logger = logging.getLogger(__name__)
+
+Source = Literal["current", "history", "reference"]
+ALL_SOURCES: frozenset[str] = frozenset({"current", "history", "reference"})
+
+
+@dataclass
+class ScoredResponse:
+    """One observed response under a context: the chat prompt, the completion text, its reward.
+
+    ``source`` says where it came from: this turn's answer (``current``), an earlier answer of the
+    conversation (``history``), or a reference answer revealed by the feedback (``reference``).
+    """
+
+    messages: ChatMessages
+    completion: str
+    reward: float
+    source: Source = "current"
+
+
+@dataclass
+class WeightStep:
+    """What one weights step did. ``applied=False`` means the adapter was left untouched, see ``reason``."""
+
+    method: str
+    applied: bool
+    reason: str = ""
+    num_responses: int = 0
+    advantages: list[float] = field(default_factory=list)
+    delta_norm: float = 0.0
+    raw_delta_norm: float = 0.0
+    clipped: bool = False
+    logprob_before: list[float] = field(default_factory=list)
+    logprob_after: list[float] = field(default_factory=list)
+    iterations: int = 0
+    seconds: float = 0.0
+    delta: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def logprob_change(self) -> list[float]:
+        return [after - before for before, after in zip(self.logprob_before, self.logprob_after)]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly view (no tensors)."""
+        return {
+            "method": self.method, "applied": self.applied, "reason": self.reason,
+            "num_responses": self.num_responses, "advantages": self.advantages,
+            "delta_norm": self.delta_norm, "raw_delta_norm": self.raw_delta_norm, "clipped": self.clipped,
+            "logprob_before": self.logprob_before, "logprob_after": self.logprob_after,
+            "iterations": self.iterations, "seconds": self.seconds,
+        }
+
+
+def _policy_of(student: LocalLM | LoRAPolicy) -> LoRAPolicy:
+    if isinstance(student, LoRAPolicy):
+        return student
+    if isinstance(student, LocalLM):
+        return student.policy
+    raise TypeError(f"A weights step needs a LocalLM or LoRAPolicy, got {type(student).__name__}.")
+
+
+class WeightOptimizer(Teleprompter):
+    """Shared shape of the weights steps: ``step(policy, responses)`` and, DSPy-style, ``compile``.
+
+    ``rollback(policy)`` undoes the most recent applied step, restoring the adapter bit for bit.
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        include: Iterable[str] = ALL_SOURCES,
+        length_normalize: bool = False,
+        lone_baseline: float = 0.5,
+        measure_after: bool = True,
+    ) -> None:
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}.")
+        include = frozenset(include)
+        if not include <= ALL_SOURCES:
+            raise ValueError(f"include must be a subset of {sorted(ALL_SOURCES)}, got {sorted(include)}.")
+        self.beta = beta
+        self.include = include
+        self.length_normalize = length_normalize
+        self.lone_baseline = lone_baseline
+        self.measure_after = measure_after
+        self._previous: torch.Tensor | None = None
+
+    # -- DSPy teleprompter entry point
+    def compile(self, student: LocalLM | LoRAPolicy, *, trainset: Sequence[ScoredResponse], **_: Any):
+        """Apply one step to ``student`` from ``trainset`` (scored responses) and return the student."""
+        self.last_step = self.step(_policy_of(student), trainset)
+        return student
+
+    def advantages(self, responses: Sequence[ScoredResponse]) -> torch.Tensor:
+        rewards = torch.tensor([float(r.reward) for r in responses], dtype=torch.float64)
+        baseline = rewards.mean() if len(responses) > 1 else torch.tensor(self.lone_baseline, dtype=torch.float64)
+        return (rewards - baseline) / self.beta
+
+    def _select(self, responses: Sequence[ScoredResponse]) -> list[ScoredResponse]:
+        return [r for r in responses if r.source in self.include]
+
+    def _logprobs(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], with_grad: bool):
+        results = [policy.logprob(r.messages, r.completion, with_grad=with_grad) for r in responses]
+        values = [lp.mean if self.length_normalize else lp.total for lp in results]
+        if not with_grad:
+            return values, None
+        grads = torch.stack([lp.grad / lp.num_tokens if self.length_normalize else lp.grad for lp in results])
+        return values, grads
+
+    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse]) -> WeightStep:
+        """Update ``policy``'s adapter from scored responses; never leaves a corrupted adapter."""
+        start = time.perf_counter()
+        chosen = self._select(responses)
+        record = WeightStep(method=self.name, applied=False, num_responses=len(chosen))
+        for r in chosen:
+            if not 0.0 <= float(r.reward) <= 1.0:
+                raise ValueError(f"Rewards must lie in [0, 1]; got {r.reward} for a {r.source} response.")
+        if not chosen:
+            record.reason = "no responses selected"
+            return record
+        advantages = self.advantages(chosen)
+        record.advantages = advantages.tolist()
+        if not advantages.abs().sum() > 0:
+            record.reason = "no reward contrast: every target is 0"
+            record.seconds = time.perf_counter() - start
+            return record
+        previous = policy.adapter_vector()
+        try:
+            self._update(policy, chosen, advantages, record)
+        except Exception:  # never leave a half-applied update behind
+            policy.set_adapter_vector(previous)
+            raise
+        if record.applied:
+            self._previous = previous
+        record.seconds = time.perf_counter() - start
+        if self.measure_after and record.logprob_before:
+            record.logprob_after, _ = self._logprobs(policy, chosen, with_grad=False)
+        if not record.applied:
+            logger.info("%s step skipped: %s", self.name, record.reason)
+        return record
+
+    def _update(self, policy: LoRAPolicy, responses: list[ScoredResponse], advantages: torch.Tensor,
+                record: WeightStep) -> None:
+        raise NotImplementedError
+
+    def rollback(self, policy: LoRAPolicy) -> bool:
+        """Restore the adapter from before the most recent applied step. Returns False if there is none."""
+        if self._previous is None:
+            return False
+        policy.set_adapter_vector(self._previous)
+        self._previous = None
+        return True
+
+
+class ROSAStep(WeightOptimizer):
+    """ROSA's one-step update ``Δθ = Gᵀ(GGᵀ + λI)⁻¹a`` with a trust region (see the module docstring).
+
+    Args:
+        beta: KL strength; targets are ``(r_i - r̄)/beta``. Smaller beta, bigger steps.
+        ridge: λ relative to the mean squared gradient norm.
+        max_norm: trust-region radius on ``‖Δθ‖``; a longer step is scaled back onto it.
+        include: which response sources to use (``current``, ``history``, ``reference``).
+        length_normalize: use mean per-token log-probs instead of sums.
+
+    Example:
+        >>> step = ROSAStep(beta=0.5).step(lm.policy, [ScoredResponse(msgs, "4", 0.0),   # doctest: +SKIP
+        ...                                              ScoredResponse(msgs, "5", 1.0, "reference")])
+    """
+
+    name = "rosa"
+
+    def __init__(self, beta: float = 0.5, ridge: float = 1e-3, max_norm: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(beta=beta, **kwargs)
+        if ridge < 0 or max_norm <= 0:
+            raise ValueError("ridge must be >= 0 and max_norm > 0.")
+        self.ridge = ridge
+        self.max_norm = max_norm
+
+    def solve(self, grads: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+        """``Gᵀ(GGᵀ + λI)⁻¹a`` in float64, with ``λ = ridge · mean‖g_i‖²``. Raises on a failed solve."""
+        G = grads.to(torch.float64)
+        K = G @ G.T
+        lam = self.ridge * float(torch.diagonal(K).mean())
+        coefficients = torch.linalg.solve(K + lam * torch.eye(len(K), dtype=torch.float64), advantages)
+        return G.T @ coefficients
+
+    def _update(self, policy, responses, advantages, record) -> None:
+        record.logprob_before, grads = self._logprobs(policy, responses, with_grad=True)
+        record.iterations = 1
+        if not torch.isfinite(grads).all():
+            record.reason = "non-finite gradient"
+            return
+        if not grads.abs().sum() > 0:
+            record.reason = "zero gradient"
+            return
+        try:
+            delta = self.solve(grads, advantages)
+        except torch.linalg.LinAlgError as err:
+            record.reason = f"singular system ({err})"
+            return
+        raw = float(delta.norm())
+        if not torch.isfinite(delta).all():
+            record.reason = "non-finite solution"
+            return
+        record.raw_delta_norm = raw
+        if raw > self.max_norm:
+            delta = delta * (self.max_norm / raw)
+            record.clipped = True
+        policy.apply_delta(delta.float())
+        record.delta = delta.float()
+        record.delta_norm = float(delta.norm())
+        record.applied = True
+
+
+class IterativeTTT(WeightOptimizer):
+    """Baseline: iterative test-time training on the same signal as ROSA.
+
+    Minimises ``Σ_i (log pi_θ(y_i) - log pi_θ0(y_i) - a_i)²``, the nonlinear form of ROSA's linearised
+    objective, with ``steps`` Adam (or SGD) steps on the adapter. Stops early once every response's
+    log-prob has moved by at least ``stop_fraction`` of its target (``target_gain`` can instead ask for
+    a fixed gain on the first response, which is how the benchmark matches ROSA's gain).
+    """
+
+    name = "ttt"
+
+    def __init__(self, steps: int = 10, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam",
+                 target_gain: float | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.steps, self.lr, self.optimizer, self.target_gain = steps, lr, optimizer, target_gain
+
+    def _update(self, policy, responses, advantages, record) -> None:
+        start_vector = policy.adapter_vector()
+        theta = torch.nn.Parameter(start_vector.clone())
+        opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([theta], lr=self.lr)
+        initial = None
+        for iteration in range(self.steps):
+            values, grads = self._logprobs(policy, responses, with_grad=True)
+            values_t = torch.tensor(values, dtype=torch.float64)
+            if initial is None:
+                initial = values_t
+                record.logprob_before = values
+            gain = values_t - initial
+            if self.target_gain is not None and iteration > 0 and gain[0] >= self.target_gain:
+                break
+            if not torch.isfinite(grads).all():
+                policy.set_adapter_vector(start_vector)  # all or nothing
+                record.reason = "non-finite gradient"
+                record.iterations = 0
+                return
+            residual = gain - advantages
+            # d/dθ Σ residual_i² = Σ 2 residual_i g_i ; minimise it.
+            theta.grad = (2 * residual.float()[:, None] * grads).sum(0)
+            opt.step()
+            opt.zero_grad()
+            policy.set_adapter_vector(theta.detach())
+            record.iterations = iteration + 1
+        record.delta = policy.adapter_vector() - start_vector
+        record.delta_norm = float(record.delta.norm())
+        record.applied = record.iterations > 0
+
+
+class NoUpdate(WeightOptimizer):
+    """Baseline: the weights never change (used by the static and prompt-only modes)."""
+
+    name = "none"
+
+    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse]) -> WeightStep:
+        return WeightStep(method=self.name, applied=False, reason="weights step disabled",
+                          num_responses=len(self._select(responses)))

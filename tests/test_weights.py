@@ -1,0 +1,136 @@
+"""The ROSA weights step and its baselines, on the tiny in-process model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rosa2_dspy.weights import IterativeTTT, NoUpdate, ROSAStep, ScoredResponse
+
+PROMPT = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "What is 2+3?"}]
+
+
+@pytest.fixture
+def policy(tiny_policy):
+    # LoRA starts with B = 0, where gradients w.r.t. A vanish; start from a generic adapter instead.
+    g = torch.Generator().manual_seed(1)
+    tiny_policy.set_adapter_vector(torch.randn(tiny_policy.num_adapter_parameters, generator=g) * 0.05)
+    return tiny_policy
+
+
+def responses():
+    return [
+        ScoredResponse(PROMPT, "It is 4.", 0.0, "current"),
+        ScoredResponse(PROMPT, "It is 5.", 1.0, "reference"),
+    ]
+
+
+def test_one_step_moves_logprobs_with_their_advantages_and_equals_the_closed_form(policy):
+    before = policy.adapter_vector()
+    grads = torch.stack([policy.logprob(r.messages, r.completion, with_grad=True).grad for r in responses()])
+    step = ROSAStep(beta=0.5, ridge=1e-2, max_norm=1e6).step(policy, responses())
+
+    assert step.applied and not step.clipped
+    assert step.advantages == [-1.0, 1.0]
+    down, up = step.logprob_change
+    assert down < 0 < up  # the failed answer lost probability, the reference gained
+
+    # Independent closed form: ridge least squares min ||G d - a||² + λ||d||² as one dense lstsq.
+    G = grads.double()
+    a = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    lam = 1e-2 * float((G * G).sum(1).mean())
+    P = G.shape[1]
+    stacked = torch.cat([G, lam**0.5 * torch.eye(P, dtype=torch.float64)])
+    target = torch.cat([a, torch.zeros(P, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(stacked, target[:, None]).solution[:, 0]
+    # ... and the parameter-space (Gauss-Newton) form (GᵀG + λI)⁻¹Gᵀa gives the same vector.
+    primal = torch.linalg.solve(G.T @ G + lam * torch.eye(P, dtype=torch.float64), G.T @ a)
+    actual = (policy.adapter_vector() - before).double()
+    assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(primal, expected, rtol=1e-6, atol=1e-9)
+    assert step.delta_norm == pytest.approx(float(expected.norm()), rel=1e-4)
+
+
+def test_linearised_change_hits_the_targets_when_ridge_is_small(policy):
+    grads = torch.stack([policy.logprob(r.messages, r.completion, with_grad=True).grad for r in responses()])
+    step = ROSAStep(beta=0.5, ridge=1e-8, max_norm=1e6).step(policy, responses())
+    assert torch.allclose(grads.double() @ step.delta.double(), torch.tensor([-1.0, 1.0], dtype=torch.float64),
+                          atol=1e-3)
+
+
+def test_trust_region_scales_the_step_back_onto_the_radius(policy):
+    free_optimizer = ROSAStep(max_norm=1e6)
+    free = free_optimizer.step(policy, responses())
+    assert free_optimizer.rollback(policy)  # back to the start
+    radius = free.delta_norm / 10
+    clipped = ROSAStep(max_norm=radius).step(policy, responses())
+    assert clipped.clipped and clipped.delta_norm == pytest.approx(radius, rel=1e-5)
+    assert clipped.raw_delta_norm == pytest.approx(free.delta_norm, rel=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(clipped.delta, free.delta, dim=0)
+    assert cosine > 0.9999
+
+
+def test_step_touches_only_adapter_parameters_and_rollback_is_bit_exact(policy):
+    state_before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    optimizer = ROSAStep()
+    step = optimizer.step(policy, responses())
+    assert step.applied
+    state_after = policy.model.state_dict()
+    changed = {k for k in state_before if not torch.equal(state_before[k], state_after[k])}
+    assert changed and all("lora_B" in k or "lora_A" in k for k in changed)
+    assert optimizer.rollback(policy)
+    assert all(torch.equal(state_before[k], v) for k, v in policy.model.state_dict().items())
+    assert not optimizer.rollback(policy)  # only the last step can be undone
+
+
+def test_non_finite_gradients_give_no_update(policy):
+    # Poison a base weight so the forward pass itself produces NaN, as a diverged model would.
+    norm = policy.model.base_model.model.model.norm.weight
+    with torch.no_grad():
+        norm[0] = float("nan")
+    before = policy.adapter_vector()
+    step = ROSAStep().step(policy, responses())
+    assert not step.applied and step.reason == "non-finite gradient"
+    assert torch.equal(policy.adapter_vector(), before)
+    ttt = IterativeTTT(steps=3).step(policy, responses())
+    assert not ttt.applied and ttt.reason == "non-finite gradient"
+    assert torch.equal(policy.adapter_vector(), before)
+
+
+def test_singular_system_gives_no_update(policy):
+    same = [ScoredResponse(PROMPT, "It is 5.", 0.0), ScoredResponse(PROMPT, "It is 5.", 1.0, "history")]
+    before = policy.adapter_vector()
+    step = ROSAStep(ridge=0.0).step(policy, same)
+    assert not step.applied and ("singular" in step.reason or "non-finite" in step.reason)
+    assert torch.equal(policy.adapter_vector(), before)
+
+
+def test_no_reward_contrast_and_filters(policy):
+    before = policy.adapter_vector()
+    flat = [ScoredResponse(PROMPT, "It is 4.", 0.0), ScoredResponse(PROMPT, "It is 6.", 0.0, "history")]
+    step = ROSAStep().step(policy, flat)
+    assert not step.applied and "no reward contrast" in step.reason
+    only_current = ROSAStep(include={"current"}).step(policy, responses())
+    assert only_current.num_responses == 1 and only_current.advantages == [-1.0]  # lone baseline 0.5, beta 0.5
+    assert only_current.applied and only_current.logprob_change[0] < 0
+    assert not torch.equal(policy.adapter_vector(), before)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ROSAStep().step(policy, [ScoredResponse(PROMPT, "x", 2.0)])
+    with pytest.raises(ValueError, match="subset"):
+        ROSAStep(include={"everything"})
+
+
+def test_iterative_ttt_and_no_update_share_the_interface(policy, tiny_lm):
+    before = policy.adapter_vector()
+    assert not NoUpdate().step(policy, responses()).applied
+    assert torch.equal(policy.adapter_vector(), before)
+    ttt = IterativeTTT(steps=5, lr=5e-3)
+    step = ttt.step(policy, responses())
+    assert step.applied and step.iterations == 5
+    down, up = step.logprob_change
+    assert down < 0 < up
+    assert ttt.rollback(policy) and torch.equal(policy.adapter_vector(), before)
+    # DSPy-teleprompter style: compile(student, trainset=...) returns the student, updated.
+    optimizer = ROSAStep()
+    assert optimizer.compile(tiny_lm, trainset=responses()) is tiny_lm
+    assert optimizer.last_step.applied and not torch.equal(tiny_lm.policy.adapter_vector(), before)
