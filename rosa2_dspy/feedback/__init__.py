@@ -1,0 +1,81 @@
+"""Feedback sources: who tells the model "no, that's not it", and how.
+
+A feedback source is any callable in DSPy's metric style, as GEPA metrics are::
+
+    feedback_fn(example, prediction, trace=None, history=None) -> float | dspy.Prediction
+
+returning either a bare score in [0, 1] or a prediction with ``score`` and ``feedback`` (text), and
+optionally ``solved`` (bool; default ``score >= threshold``) and ``reference`` (a dict of output-field
+values when the feedback reveals the answer, which the weights step uses as a high-reward response).
+``history`` (the earlier turns' records) is passed only to callables that accept it, so plain GEPA
+metrics ``(gold, pred, trace, pred_name, pred_trace)`` plug in unchanged. Verifiers, simulated users and
+LLM judges all fit this shape; :func:`as_feedback` checks and normalises what they return.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import dspy
+
+from rosa2_dspy.errors import FeedbackError
+
+FeedbackFn = Callable[..., "float | dspy.Prediction"]
+
+
+class Feedback(dspy.Prediction):
+    """A normalised feedback: ``score`` in [0, 1], ``feedback`` text, ``solved``, optional ``reference``."""
+
+    score: float
+    feedback: str
+    solved: bool
+    reference: dict[str, Any] | None
+
+
+def as_feedback(result: Any, threshold: float = 1.0) -> Feedback:
+    """Check and normalise what a feedback source returned. Raises :class:`FeedbackError` if unusable."""
+    if isinstance(result, bool) or isinstance(result, (int, float)):
+        score, text, solved, reference = float(result), "", None, None
+    elif isinstance(result, (dspy.Prediction, dict)):
+        get = result.get
+        if get("score") is None:
+            raise FeedbackError(
+                f"Feedback must carry a 'score' in [0, 1]; got fields {sorted(result.keys())}. "
+                "Return dspy.Prediction(score=..., feedback='...')."
+            )
+        score, text, solved, reference = get("score"), get("feedback") or "", get("solved"), get("reference")
+        if not isinstance(text, str):
+            raise FeedbackError(f"Feedback text must be a string, got {type(text).__name__}.")
+        if reference is not None and not isinstance(reference, dict):
+            raise FeedbackError("Feedback 'reference' must be a dict of output-field values, e.g. {'answer': '42'}.")
+    else:
+        raise FeedbackError(
+            f"A feedback source returned {type(result).__name__}; return a float score or "
+            "dspy.Prediction(score=..., feedback='...')."
+        )
+    try:
+        score = float(score)
+    except (TypeError, ValueError) as err:
+        raise FeedbackError(f"Feedback score {score!r} is not a number.") from err
+    if not math.isfinite(score) or not 0.0 <= score <= 1.0:
+        raise FeedbackError(f"Feedback score must be a finite number in [0, 1], got {score}.")
+    solved = bool(score >= threshold) if solved is None else bool(solved)
+    return Feedback(score=score, feedback=text.strip(), solved=solved, reference=reference)
+
+
+def call_feedback(fn: FeedbackFn, example: Any, prediction: Any, trace: Any = None,
+                  history: list[Any] | None = None, threshold: float = 1.0) -> Feedback:
+    """Call a feedback source the DSPy-metric way, passing ``history`` only if it takes it."""
+    try:
+        params = inspect.signature(fn).parameters
+        takes_history = "history" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        takes_history = False
+    result = fn(example, prediction, trace, history=history) if takes_history else fn(example, prediction, trace)
+    return as_feedback(result, threshold)
+
+
+__all__ = ["Feedback", "FeedbackFn", "as_feedback", "call_feedback"]
