@@ -134,6 +134,8 @@ class ROSA2(dspy.Module):
         feedback: a feedback source for :meth:`interact` (DSPy-metric style, see ``rosa2_dspy.feedback``).
         mode: one of ``static``, ``prompt-only``, ``param-only``, ``switch``, ``joint`` (ROSA2).
         refiner_lm: the words step's LM (e.g. ``dspy.LM("openai/gpt-4o-mini")``); default: the actor.
+        refiner_fallback: when the refiner's rewrite is unusable, ``"keep"`` the instruction (default) or
+            ``"append"`` the feedback to it (see :class:`~rosa2_dspy.words.InstructionRefiner`).
         weights: the weights step; default :class:`ROSAStep`.
         adapter: DSPy adapter for the actor; default :class:`LenientChatAdapter`.
         max_turns: turns per interaction in :meth:`interact`.
@@ -157,6 +159,7 @@ class ROSA2(dspy.Module):
         *,
         mode: str = "joint",
         refiner_lm: dspy.BaseLM | None = None,
+        refiner_fallback: str = "keep",
         weights: WeightOptimizer | None = None,
         adapter: dspy.Adapter | None = None,
         max_turns: int = 5,
@@ -178,7 +181,7 @@ class ROSA2(dspy.Module):
         self.lm = lm
         self.feedback_fn = feedback
         self.mode = mode
-        self.refiner = InstructionRefiner(lm=refiner_lm)
+        self.refiner = InstructionRefiner(lm=refiner_lm or lm, fallback=refiner_fallback)
         self.weights = weights or ROSAStep()
         self.adapter = adapter or LenientChatAdapter()
         self.max_turns = max_turns
@@ -351,10 +354,12 @@ class ROSA2(dspy.Module):
                 record.words = {n: {"accepted": False, "reason": "no feedback text"} for n in refined}
             else:
                 for name in refined:
-                    out = self.refiner(instruction=refined[name], feedback=record.feedback,
-                                       history=self._history_text(session, name))
+                    with dspy.context(adapter=self.adapter):
+                        out = self.refiner(instruction=refined[name], feedback=record.feedback,
+                                           history=self._history_text(session, name))
                     refined[name] = out.refined_instruction
-                    record.words[name] = {"accepted": out.accepted, "reason": out.reason, "diagnosis": out.diagnosis}
+                    record.words[name] = {"accepted": out.accepted, "reason": out.reason, "source": out.source,
+                                          "diagnosis": out.diagnosis}
             record.refined_instructions = dict(refined)
             record.times["words"] = time.perf_counter() - start
         if move_weights:

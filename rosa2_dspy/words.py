@@ -4,15 +4,20 @@
 takes the current ``instruction`` (a rewrite needs its source) and first writes a ``diagnosis`` — the
 "gradient": what the user means that the instruction misses — before the rewritten instruction.
 :class:`InstructionRefiner` runs it with its own LM (``dspy.context``), so the refiner can be a strong
-remote litellm model while the actor stays local, and it refuses unusable output: an empty, overlong or
-format-leaking rewrite, or an LM error, keeps the previous instruction and records why.
+remote litellm model while the actor stays local, and it refuses unusable output: an empty, overlong,
+format-leaking or conversation-echoing rewrite, or an LM error, keeps the previous instruction and
+records why.
+
+A very small refiner (the embedded 135M model) rarely writes a usable instruction. For such set-ups
+``fallback="append"`` turns a rejected rewrite into the simplest textual step there is: the feedback
+itself is appended to the instruction as a requirement. The record says which of the two happened.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 
@@ -45,29 +50,37 @@ class InstructionRefiner(dspy.Module):
         lm: the refiner's LM (any ``dspy.LM``: a litellm model string's LM or a ``LocalLM``). ``None``
             uses whatever LM is configured when it runs.
         max_chars: longest acceptable instruction.
+        fallback: what a rejected rewrite turns into: ``"keep"`` the instruction (default), or
+            ``"append"`` the feedback to it as a requirement.
     """
 
-    def __init__(self, lm: dspy.BaseLM | None = None, max_chars: int = 2000) -> None:
+    def __init__(self, lm: dspy.BaseLM | None = None, max_chars: int = 2000,
+                 fallback: Literal["keep", "append"] = "keep") -> None:
         super().__init__()
+        if fallback not in ("keep", "append"):
+            raise ValueError(f"fallback must be 'keep' or 'append', got {fallback!r}.")
         self.predict = dspy.Predict(RefineInstruction)
         self.refiner_lm = lm
         self.max_chars = max_chars
+        self.fallback = fallback
 
     def forward(self, instruction: str, feedback: str, history: str = "") -> dspy.Prediction:
-        """Returns ``refined_instruction`` (the old one if rejected), ``accepted``, ``reason``, ``diagnosis``."""
+        """Returns ``refined_instruction``, ``accepted`` (did the instruction change), ``reason`` (why the LM's
+        rewrite was not used, "" if it was), ``diagnosis`` and ``source`` (``lm``, ``append`` or ``kept``)."""
         try:
             with dspy.context(**({"lm": self.refiner_lm} if self.refiner_lm is not None else {})):
                 out = self.predict(instruction=instruction, feedback=feedback, history=history or "(none)")
             candidate, diagnosis = out.refined_instruction, out.get("diagnosis", "")
         except Exception as err:  # an unreachable remote LM or unparsable output must not end the chat
-            logger.warning("Refiner failed (%s: %s); keeping the instruction.", type(err).__name__, err)
-            return self._keep(instruction, f"refiner error: {type(err).__name__}: {err}")
-        reason = self.rejection_reason(instruction, candidate)
+            logger.warning("Refiner failed (%s: %s).", type(err).__name__, err)
+            return self._fall_back(instruction, feedback, f"refiner error: {type(err).__name__}: {err}")
+        reason = self.rejection_reason(instruction, candidate, history)
         if reason:
-            return self._keep(instruction, reason, diagnosis)
-        return dspy.Prediction(refined_instruction=candidate.strip(), accepted=True, reason="", diagnosis=diagnosis)
+            return self._fall_back(instruction, feedback, reason, diagnosis)
+        return dspy.Prediction(refined_instruction=candidate.strip(), accepted=True, reason="", diagnosis=diagnosis,
+                               source="lm")
 
-    def rejection_reason(self, instruction: str, candidate: Any) -> str:
+    def rejection_reason(self, instruction: str, candidate: Any, history: str = "") -> str:
         """Why ``candidate`` is not a usable instruction ("" if it is)."""
         if not isinstance(candidate, str) or not candidate.strip():
             return "empty refined instruction"
@@ -78,8 +91,25 @@ class InstructionRefiner(dspy.Module):
             return f"refined instruction too long ({len(text)} > {self.max_chars} chars)"
         if text == instruction.strip():
             return "refined instruction unchanged"
+        if "```" in text or "| feedback:" in text or _echoes(text, history):
+            return "refined instruction echoes the conversation instead of instructing"
         return ""
 
-    @staticmethod
-    def _keep(instruction: str, reason: str, diagnosis: str = "") -> dspy.Prediction:
-        return dspy.Prediction(refined_instruction=instruction, accepted=False, reason=reason, diagnosis=diagnosis)
+    def _fall_back(self, instruction: str, feedback: str, reason: str, diagnosis: str = "") -> dspy.Prediction:
+        requirement = f"Requirement from the user: {feedback.strip()}"
+        if self.fallback == "append" and feedback.strip() and requirement not in instruction:
+            return dspy.Prediction(refined_instruction=f"{instruction.rstrip()}\n{requirement}", accepted=True,
+                                   reason=reason, diagnosis=diagnosis, source="append")
+        return dspy.Prediction(refined_instruction=instruction, accepted=False, reason=reason, diagnosis=diagnosis,
+                               source="kept")
+
+
+def _echoes(text: str, history: str, span: int = 40) -> bool:
+    """True when ``text`` copies a ``span``-character stretch of an earlier *answer* verbatim.
+
+    History lines read ``Turn k (reward r): answer: ... | feedback: ...``; only the answer part counts,
+    since quoting the user's own words in the instruction is fine.
+    """
+    compact = " ".join(text.split())
+    past = " ".join(" ".join(line.split("| feedback:")[0].split()) for line in history.splitlines())
+    return len(compact) >= span and any(compact[i : i + span] in past for i in range(0, len(compact) - span + 1, 10))

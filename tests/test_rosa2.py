@@ -198,9 +198,28 @@ def test_junk_from_the_refiner_keeps_the_instruction(tiny_lm):
     record = one_turn(rosa2)
     assert rosa2.session.instructions == rosa2.original_instructions
     assert record.words["predict"] == {"accepted": False, "reason": "refined instruction leaks DSPy field markers",
-                                       "diagnosis": "The user wants a bare number."}
+                                       "source": "kept", "diagnosis": "The user wants a bare number."}
     empty = make(tiny_lm, "prompt-only", refiner_lm=refiner(""))
     assert one_turn(empty).words["predict"]["reason"] == "empty refined instruction"
+    # An echo of the model's own earlier answer is no instruction either; quoting the user is fine.
+    from rosa2_dspy.words import InstructionRefiner
+
+    history = "Turn 1 (reward 0.0): answer: def add(a, b): return a - b  # subtracts instead | " \
+              "feedback: please always reply with only the final number and nothing else"
+    check = InstructionRefiner().rejection_reason
+    assert "echoes" in check("Solve it.", "Write def add(a, b): return a - b  # subtracts instead", history)
+    assert check("Solve it.", "Solve it. Please always reply with only the final number and nothing else.",
+                 history) == ""
+
+
+def test_append_fallback_turns_a_rejected_rewrite_into_the_feedback_itself(tiny_lm):
+    rosa2 = make(tiny_lm, "prompt-only", refiner_lm=refiner(""), refiner_fallback="append")
+    record = one_turn(rosa2, feedback="Give only the number.")
+    original = rosa2.original_instructions["predict"]
+    assert rosa2.session.instructions["predict"] == original + "\nRequirement from the user: Give only the number."
+    assert record.words["predict"]["source"] == "append" and record.words["predict"]["accepted"]
+    one_turn(rosa2, feedback="Give only the number.")  # the same requirement is not appended twice
+    assert rosa2.session.instructions["predict"].count("Requirement from the user") == 1
 
 
 def test_multi_stage_pipeline_adapts_every_predictor(tiny_lm):
@@ -276,4 +295,6 @@ def test_embedded_model_runs_three_turns_for_cot_and_a_two_stage_pipeline(embedd
         assert 0 < first.delta_norm <= rosa2.weights.max_norm
         assert all(r.times["generate"] > 0 for r in result.trajectory)
         assert set(first.words) == set(rosa2.original_instructions)
+        # The words step ran on the local model: it may reject a poor rewrite, but it must not error.
+        assert not any(w["reason"].startswith("refiner error") for r in result.trajectory[:2] for w in r.words.values())
         assert not torch.equal(rosa2.session.adapter, lm.policy.initial_adapter_vector)
