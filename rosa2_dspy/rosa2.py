@@ -42,6 +42,7 @@ from typing import Any
 
 import dspy
 import torch
+from dspy.adapters.chat_adapter import field_header_pattern
 
 from rosa2_dspy.adapter import LenientChatAdapter
 from rosa2_dspy.errors import AdapterLoadError, FeedbackError
@@ -59,11 +60,12 @@ _SERVED_LM_LOCK = threading.RLock()  # serialises sessions when the actor is a s
 
 @dataclass
 class _Call:
-    """One predictor call inside a turn, as DSPy's trace records it."""
+    """One predictor call inside a turn, as DSPy's trace records it, with the LM's raw completion."""
 
     predictor: str
     inputs: dict[str, Any]
     outputs: dict[str, Any]
+    completion: str | None = None
 
 
 @dataclass
@@ -279,7 +281,12 @@ class ROSA2(dspy.Module):
                 trace = list(dspy.settings.trace)
             elapsed = time.perf_counter() - start
             names = {id(p): n for n, p in self.program.named_predictors()}
-        calls = [_Call(names.get(id(p), "?"), dict(i), dict(o.items())) for p, i, o in trace if id(p) in names]
+        calls = [_Call(names[id(p)], dict(i), dict(o.items())) for p, i, o in trace if id(p) in names]
+        entries = self.lm.history[history_before:]
+        if len(entries) == len(calls):  # one LM call per predictor call: keep what the model really wrote
+            for call, entry in zip(calls, entries):
+                output = (entry.get("outputs") or [None])[0]
+                call.completion = output.get("text") if isinstance(output, dict) else output
         record = TurnRecord(
             turn=len(session.turns) + 1,
             mode=self.mode,
@@ -287,7 +294,7 @@ class ROSA2(dspy.Module):
             outputs={k: v for k, v in prediction.items()},
         )
         record.times["generate"] = elapsed
-        for entry in self.lm.history[history_before:]:
+        for entry in entries:
             usage = entry.get("usage") or {}
             record.tokens["prompt"] += int(usage.get("prompt_tokens") or 0)
             record.tokens["completion"] += int(usage.get("completion_tokens") or 0)
@@ -388,7 +395,12 @@ class ROSA2(dspy.Module):
 
     def _responses(self, session: Session, instructions: dict[str, str],
                    reference: dict[str, Any] | None) -> list[ScoredResponse]:
-        """Every answer of the conversation (and the reference), formatted under ``instructions``."""
+        """Every answer of the conversation (and the reference) as responses to prompts under ``instructions``.
+
+        The model's own answers are its raw completions (the ``y`` it actually produced); the reference is
+        written the way the model writes: a bare value when the model's own completion had no field
+        markers and one output field suffices, else in the adapter's field format.
+        """
         predictors = dict(self.program.named_predictors())
         responses = []
         last = session.turns[-1]
@@ -397,11 +409,15 @@ class ROSA2(dspy.Module):
             for call in turn.calls:
                 signature = predictors[call.predictor].signature.with_instructions(instructions[call.predictor])
                 messages = self.adapter.format(signature, demos=predictors[call.predictor].demos, inputs=call.inputs)
-                completion = self.adapter.format_assistant_message_content(signature, call.outputs)
-                responses.append(ScoredResponse(messages, completion, float(turn.record.reward), source))
+                own = call.completion
+                if own is None:
+                    own = self.adapter.format_assistant_message_content(signature, call.outputs)
+                responses.append(ScoredResponse(messages, own, float(turn.record.reward), source))
                 if reference and turn is last and set(reference) & set(signature.output_fields):
                     outputs = {**call.outputs, **{k: v for k, v in reference.items() if k in signature.output_fields}}
-                    completion = self.adapter.format_assistant_message_content(signature, outputs)
+                    bare = len(signature.output_fields) == 1 and not field_header_pattern.search(own)
+                    completion = (str(next(iter(outputs.values()))) if bare
+                                  else self.adapter.format_assistant_message_content(signature, outputs))
                     responses.append(ScoredResponse(messages, completion, 1.0, "reference"))
         return responses
 

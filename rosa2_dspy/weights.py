@@ -20,9 +20,10 @@ Choices (ours, documented here):
   step for long responses.
 * **λ is relative**: ``λ = ridge · mean_i ‖g_i‖²``. Gradient norms differ by orders of magnitude between
   models and response lengths; a relative ridge means the same value regularises alike everywhere.
-* **A lone response**: with one response the mean baseline makes its target 0 (no signal). Then the
-  baseline is ``lone_baseline`` (0.5, the middle of the reward range): a lone failure is pushed down,
-  a lone success pulled up.
+* **No contrast, prior baseline**: with one response, or several with the same reward (a user who
+  said "no" twice), the mean makes every target 0 and the step does nothing, although the feedback
+  says better answers exist. Then ``log Z`` is estimated by ``prior_baseline/beta`` instead (0.5, the
+  middle of the reward range): failures are pushed down, successes pulled up. With contrast, the mean.
 
 Baselines behind the same interface, for the benchmarks: :class:`IterativeTTT` (k Adam/SGD steps on
 the same log-ratio targets) and :class:`NoUpdate`.
@@ -115,7 +116,7 @@ class WeightOptimizer(Teleprompter):
         beta: float = 0.5,
         include: Iterable[str] = ALL_SOURCES,
         length_normalize: bool = False,
-        lone_baseline: float = 0.5,
+        prior_baseline: float = 0.5,
         measure_after: bool = True,
     ) -> None:
         if beta <= 0:
@@ -126,7 +127,7 @@ class WeightOptimizer(Teleprompter):
         self.beta = beta
         self.include = include
         self.length_normalize = length_normalize
-        self.lone_baseline = lone_baseline
+        self.prior_baseline = prior_baseline
         self.measure_after = measure_after
         self._previous: torch.Tensor | None = None
 
@@ -138,7 +139,8 @@ class WeightOptimizer(Teleprompter):
 
     def advantages(self, responses: Sequence[ScoredResponse]) -> torch.Tensor:
         rewards = torch.tensor([float(r.reward) for r in responses], dtype=torch.float64)
-        baseline = rewards.mean() if len(responses) > 1 else torch.tensor(self.lone_baseline, dtype=torch.float64)
+        contrast = bool(rewards.max() > rewards.min())
+        baseline = rewards.mean() if contrast else torch.tensor(self.prior_baseline, dtype=torch.float64)
         return (rewards - baseline) / self.beta
 
     def _select(self, responses: Sequence[ScoredResponse]) -> list[ScoredResponse]:

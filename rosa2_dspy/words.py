@@ -23,7 +23,8 @@ import dspy
 
 logger = logging.getLogger(__name__)
 
-_FIELD_MARKER = re.compile(r"\[\[\s*##.*?##\s*\]\]")
+# DSPy field markers, also half-remembered ones ("[## x ##]"), and the refiner prompt's own placeholders.
+_FORMAT_LEAK = re.compile(r"\[+\s*##|\{(instruction|feedback|history|diagnosis|refined_instruction)\}")
 
 
 class RefineInstruction(dspy.Signature):
@@ -85,7 +86,7 @@ class InstructionRefiner(dspy.Module):
         if not isinstance(candidate, str) or not candidate.strip():
             return "empty refined instruction"
         text = candidate.strip()
-        if _FIELD_MARKER.search(text):
+        if _FORMAT_LEAK.search(text):
             return "refined instruction leaks DSPy field markers"
         if len(text) > self.max_chars:
             return f"refined instruction too long ({len(text)} > {self.max_chars} chars)"

@@ -60,6 +60,7 @@ def test_joint_takes_the_weights_gradient_under_the_refined_words(tiny_lm):
     policy = tiny_lm.policy
     rosa2 = make(tiny_lm, "joint", weights=ROSAStep(max_norm=1e6))
     prediction = rosa2(question=EXAMPLE.question)
+    raw = tiny_lm.history[-1]["outputs"][0]  # what the model really wrote this turn
     record = rosa2.adapt("Wrong: I want just the number.", score=0.0, reference={"answer": "5"})
     assert rosa2.session.instructions == {"predict": REFINED}
     assert record.weights["applied"]
@@ -72,7 +73,7 @@ def test_joint_takes_the_weights_gradient_under_the_refined_words(tiny_lm):
     def responses(sig):
         messages = adapter.format(sig, demos=[], inputs={"question": EXAMPLE.question})
         return [
-            ScoredResponse(messages, adapter.format_assistant_message_content(sig, outputs), 0.0, "current"),
+            ScoredResponse(messages, raw, 0.0, "current"),
             ScoredResponse(messages, adapter.format_assistant_message_content(sig, {**outputs, "answer": "5"}), 1.0,
                            "reference"),
         ]
@@ -208,6 +209,7 @@ def test_junk_from_the_refiner_keeps_the_instruction(tiny_lm):
               "feedback: please always reply with only the final number and nothing else"
     check = InstructionRefiner().rejection_reason
     assert "echoes" in check("Solve it.", "Write def add(a, b): return a - b  # subtracts instead", history)
+    assert "field markers" in check("Solve it.", "The instructions are:\n[## instruction ##]\n{instruction}", "")
     assert check("Solve it.", "Solve it. Please always reply with only the final number and nothing else.",
                  history) == ""
 

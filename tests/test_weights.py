@@ -107,11 +107,18 @@ def test_singular_system_gives_no_update(policy):
 
 def test_no_reward_contrast_and_filters(policy):
     before = policy.adapter_vector()
-    flat = [ScoredResponse(PROMPT, "It is 4.", 0.0), ScoredResponse(PROMPT, "It is 6.", 0.0, "history")]
-    step = ROSAStep().step(policy, flat)
+    neutral = [ScoredResponse(PROMPT, "It is 4.", 0.5), ScoredResponse(PROMPT, "It is 6.", 0.5, "history")]
+    step = ROSAStep().step(policy, neutral)
     assert not step.applied and "no reward contrast" in step.reason
+    assert torch.equal(policy.adapter_vector(), before)
+    # Two failures and no success: no contrast, so the prior baseline 0.5 pushes both down.
+    failures = [ScoredResponse(PROMPT, "It is 4.", 0.0), ScoredResponse(PROMPT, "It is 6.", 0.0, "history")]
+    pushed = ROSAStep().step(policy, failures)
+    assert pushed.advantages == [-1.0, -1.0] and all(change < 0 for change in pushed.logprob_change)
+    ROSAStep().rollback(policy)
+    policy.set_adapter_vector(before)
     only_current = ROSAStep(include={"current"}).step(policy, responses())
-    assert only_current.num_responses == 1 and only_current.advantages == [-1.0]  # lone baseline 0.5, beta 0.5
+    assert only_current.num_responses == 1 and only_current.advantages == [-1.0]  # prior baseline 0.5, beta 0.5
     assert only_current.applied and only_current.logprob_change[0] < 0
     assert not torch.equal(policy.adapter_vector(), before)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
