@@ -15,7 +15,7 @@ LLM judges all fit this shape; :func:`as_feedback` checks and normalises what th
 from __future__ import annotations
 
 import inspect
-import math
+import math as _math  # aliased: the submodule rosa2_dspy.feedback.math would shadow the name
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +60,7 @@ def as_feedback(result: Any, threshold: float = 1.0) -> Feedback:
         score = float(score)
     except (TypeError, ValueError) as err:
         raise FeedbackError(f"Feedback score {score!r} is not a number.") from err
-    if not math.isfinite(score) or not 0.0 <= score <= 1.0:
+    if not _math.isfinite(score) or not 0.0 <= score <= 1.0:
         raise FeedbackError(f"Feedback score must be a finite number in [0, 1], got {score}.")
     solved = bool(score >= threshold) if solved is None else bool(solved)
     return Feedback(score=score, feedback=text.strip(), solved=solved, reference=reference)
@@ -79,3 +79,11 @@ def call_feedback(fn: FeedbackFn, example: Any, prediction: Any, trace: Any = No
 
 
 __all__ = ["Feedback", "FeedbackFn", "as_feedback", "call_feedback"]
+
+# The concrete sources, imported last: they build on the protocol above.
+from rosa2_dspy.feedback.code import CodeVerifier  # noqa: E402
+from rosa2_dspy.feedback.intent import IntentVerifier  # noqa: E402
+from rosa2_dspy.feedback.math import MathVerifier, answers_match, extract_answer  # noqa: E402
+from rosa2_dspy.feedback.simulated_user import SimulatedUser  # noqa: E402
+
+__all__ += ["CodeVerifier", "IntentVerifier", "MathVerifier", "SimulatedUser", "answers_match", "extract_answer"]

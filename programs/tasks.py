@@ -1,0 +1,45 @@
+"""The shipped tasks (math, code, intent) and the simulated user that gives feedback on each."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import dspy
+
+from rosa2_dspy.feedback import FeedbackFn
+from rosa2_dspy.feedback.code import CodeVerifier
+from rosa2_dspy.feedback.intent import IntentVerifier
+from rosa2_dspy.feedback.math import MathVerifier
+from rosa2_dspy.feedback.simulated_user import Reveal, SimulatedUser
+
+TASKS = ("math", "code", "intent")
+_SIGNATURES = {"math": "question -> answer", "code": "question -> code", "intent": "question -> answer"}
+
+
+def _check(name: str) -> None:
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; choose one of {TASKS}.")
+
+
+def load_task(name: str, limit: int | None = None) -> list[dspy.Example]:
+    """The task's examples (all fields kept for the verifiers), with ``question`` as the only input."""
+    _check(name)
+    text = resources.files("programs").joinpath("data", f"{name}.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [dspy.Example(**row).with_inputs("question") for row in rows[:limit]]
+
+
+def signature_for(name: str) -> str:
+    """The DSPy signature a program for this task uses."""
+    _check(name)
+    return _SIGNATURES[name]
+
+
+def feedback_for(name: str, reveal: Reveal = "hint", reveal_after: int | None = 2) -> FeedbackFn:
+    """The simulated user for this task, wrapping the task's verifier."""
+    _check(name)
+    if name == "code":
+        return SimulatedUser(CodeVerifier(), reveal, reveal_after, answer_field="code", gold_field="reference")
+    verifier = MathVerifier() if name == "math" else IntentVerifier()
+    return SimulatedUser(verifier, reveal, reveal_after, answer_field="answer", gold_field="answer")
