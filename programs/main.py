@@ -1,22 +1,14 @@
-"""The main job (interim): a scripted multi-turn chat with the embedded local model under DSPy."""
+"""The main job (``make run``): the ROSA2 mode comparison on the embedded default model, on this CPU.
+
+Runs ``programs/configs/default.json`` — the intent task (hidden user intent revealed by a simulated
+user's feedback), five modes, the embedded SmolLM2-135M-Instruct as actor and refiner — then prints the
+results table and writes ``results/<name>.json`` and ``results/<name>.png``. Any other config:
+``python -m programs.main --config math`` (or a JSON path); see ``programs/experiment.py``.
+"""
 
 from __future__ import annotations
 
-import dspy
-
-from rosa2_dspy import LenientChatAdapter, LocalLM
-
-
-def main() -> None:
-    lm = LocalLM("embedded", max_tokens=96)
-    dspy.configure(lm=lm, adapter=LenientChatAdapter())
-    chat = dspy.ChainOfThought("history: dspy.History, question -> answer")
-    history = dspy.History(messages=[])
-    for question in ["What is 7 + 5?", "Now double it.", "Say the result in words."]:
-        prediction = chat(history=history, question=question)
-        print(f"user: {question}\nmodel: {prediction.answer}\n")
-        history.messages.append({"question": question, "answer": prediction.answer})
-
+from programs.experiment import main
 
 if __name__ == "__main__":
     main()

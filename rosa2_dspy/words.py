@@ -74,10 +74,10 @@ class InstructionRefiner(dspy.Module):
             candidate, diagnosis = out.refined_instruction, out.get("diagnosis", "")
         except Exception as err:  # an unreachable remote LM or unparsable output must not end the chat
             logger.warning("Refiner failed (%s: %s).", type(err).__name__, err)
-            return self._fall_back(instruction, feedback, f"refiner error: {type(err).__name__}: {err}")
+            return self._fall_back(instruction, feedback, history, f"refiner error: {type(err).__name__}: {err}")
         reason = self.rejection_reason(instruction, candidate, history)
         if reason:
-            return self._fall_back(instruction, feedback, reason, diagnosis)
+            return self._fall_back(instruction, feedback, history, reason, diagnosis)
         return dspy.Prediction(refined_instruction=candidate.strip(), accepted=True, reason="", diagnosis=diagnosis,
                                source="lm")
 
@@ -96,9 +96,12 @@ class InstructionRefiner(dspy.Module):
             return "refined instruction echoes the conversation instead of instructing"
         return ""
 
-    def _fall_back(self, instruction: str, feedback: str, reason: str, diagnosis: str = "") -> dspy.Prediction:
-        requirement = f"Requirement from the user: {feedback.strip()}"
-        if self.fallback == "append" and feedback.strip() and requirement not in instruction:
+    def _fall_back(self, instruction: str, feedback: str, history: str, reason: str,
+                   diagnosis: str = "") -> dspy.Prediction:
+        # Sentences of the feedback that quote the model's earlier answers are no requirement: drop them.
+        kept = [s for s in re.split(r"(?<=[.!?])\s+", feedback.strip()) if s and not _echoes(s, history, span=30)]
+        requirement = f"Requirement from the user: {' '.join(kept)}"
+        if self.fallback == "append" and kept and requirement not in instruction:
             return dspy.Prediction(refined_instruction=f"{instruction.rstrip()}\n{requirement}", accepted=True,
                                    reason=reason, diagnosis=diagnosis, source="append")
         return dspy.Prediction(refined_instruction=instruction, accepted=False, reason=reason, diagnosis=diagnosis,

@@ -300,3 +300,16 @@ def test_embedded_model_runs_three_turns_for_cot_and_a_two_stage_pipeline(embedd
         # The words step ran on the local model: it may reject a poor rewrite, but it must not error.
         assert not any(w["reason"].startswith("refiner error") for r in result.trajectory[:2] for w in r.words.values())
         assert not torch.equal(rosa2.session.adapter, lm.policy.initial_adapter_vector)
+
+
+def test_append_fallback_drops_feedback_sentences_that_quote_the_answer():
+    from rosa2_dspy.words import InstructionRefiner
+
+    refine = InstructionRefiner(lm=refiner(""), fallback="append")
+    answer = "You can use the format() function to create a string with the specified width"
+    history = f"Turn 1 (reward 0.0): answer: {answer} | feedback: no"
+    out = refine(instruction="Answer the question.", history=history,
+                 feedback=f'No, that\'s not right. Your answer "{answer}" is not what I meant. I want meters.')
+    assert out.source == "append"
+    assert out.refined_instruction == ("Answer the question.\nRequirement from the user: "
+                                       "No, that's not right. I want meters.")
