@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -183,6 +184,8 @@ def report(results: dict[str, Any], name: str) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Answers are capped at actor.max_tokens on purpose; DSPy's per-call truncation warning is noise here.
+    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="default", help="config name in programs/configs or a JSON path")
     parser.add_argument("--limit", type=int, default=None, help="override the number of tasks")

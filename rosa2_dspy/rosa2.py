@@ -274,7 +274,7 @@ class ROSA2(dspy.Module):
         session = self.session
         with self._activated(session):
             adapter = self._conversation_adapter(session) if self.mode == "static" else self.adapter
-            history_before = len(self.lm.history)
+            marker = self.lm.history[-1] if self.lm.history else None
             start = time.perf_counter()
             with dspy.context(lm=self.lm, adapter=adapter, trace=[]):
                 prediction = self.program(**inputs)
@@ -282,7 +282,7 @@ class ROSA2(dspy.Module):
             elapsed = time.perf_counter() - start
             names = {id(p): n for n, p in self.program.named_predictors()}
         calls = [_Call(names[id(p)], dict(i), dict(o.items())) for p, i, o in trace if id(p) in names]
-        entries = self.lm.history[history_before:]
+        entries = _entries_after(self.lm.history, marker)
         if len(entries) == len(calls):  # one LM call per predictor call: keep what the model really wrote
             for call, entry in zip(calls, entries):
                 output = (entry.get("outputs") or [None])[0]
@@ -509,6 +509,17 @@ class ROSA2(dspy.Module):
         self.original_instructions = state["original_instructions"]
         self.sessions, self.current_session_id = sessions, state["current_session_id"]
         return self
+
+
+def _entries_after(history: list[dict], marker: dict | None) -> list[dict]:
+    """The LM history entries recorded after ``marker`` (DSPy caps the history by dropping the oldest, so an
+    index taken before the call can be stale afterwards; the entry object itself is not)."""
+    entries = []
+    for entry in reversed(history):
+        if entry is marker:
+            break
+        entries.append(entry)
+    return entries[::-1]
 
 
 def _clone(vector: torch.Tensor | None) -> torch.Tensor | None:

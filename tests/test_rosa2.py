@@ -20,6 +20,18 @@ REFINED = "Answer with the number only."
 EXAMPLE = dspy.Example(question="What is 2+3?", answer="5").with_inputs("question")
 
 
+class TwoStage(dspy.Module):
+    """A two-stage pipeline: draft, then answer from the draft."""
+
+    def __init__(self, draft=dspy.Predict):
+        super().__init__()
+        self.draft = draft("question -> draft")
+        self.final = dspy.Predict("question, draft -> answer")
+
+    def forward(self, question):
+        return self.final(question=question, draft=self.draft(question=question).draft)
+
+
 def refiner(text: str = REFINED, n: int = 20) -> DummyLM:
     return DummyLM([{"diagnosis": "The user wants a bare number.", "refined_instruction": text}] * n)
 
@@ -225,15 +237,6 @@ def test_append_fallback_turns_a_rejected_rewrite_into_the_feedback_itself(tiny_
 
 
 def test_multi_stage_pipeline_adapts_every_predictor(tiny_lm):
-    class TwoStage(dspy.Module):
-        def __init__(self):
-            super().__init__()
-            self.draft = dspy.Predict("question -> draft")
-            self.final = dspy.Predict("question, draft -> answer")
-
-        def forward(self, question):
-            return self.final(question=question, draft=self.draft(question=question).draft)
-
     rosa2 = ROSA2(TwoStage(), tiny_lm, wrong, mode="joint", refiner_lm=refiner())
     record = one_turn(rosa2)
     assert set(rosa2.session.instructions) == {"draft", "final"}
@@ -275,20 +278,10 @@ def test_weight_modes_need_a_local_actor():
 @pytest.mark.integration
 def test_embedded_model_runs_three_turns_for_cot_and_a_two_stage_pipeline(embedded_lm):
     """End to end on the real embedded model, which is also the refiner (nothing remote, nothing mocked)."""
-
-    class TwoStage(dspy.Module):
-        def __init__(self):
-            super().__init__()
-            self.draft = dspy.ChainOfThought("question -> draft")
-            self.final = dspy.Predict("question, draft -> answer")
-
-        def forward(self, question):
-            return self.final(question=question, draft=self.draft(question=question).draft)
-
     lm = embedded_lm.copy(max_tokens=48)
     never_solved = lambda example, prediction, trace=None: dspy.Prediction(  # noqa: E731
         score=0.0, feedback="No. Reply with only the number, no words.", reference={"answer": example.answer})
-    for program in (dspy.ChainOfThought("question -> answer"), TwoStage()):
+    for program in (dspy.ChainOfThought("question -> answer"), TwoStage(draft=dspy.ChainOfThought)):
         rosa2 = ROSA2(program, lm, never_solved, mode="joint", max_turns=3)
         result = rosa2.interact(EXAMPLE)
         assert result.turns == 3 and not result.solved
@@ -313,3 +306,14 @@ def test_append_fallback_drops_feedback_sentences_that_quote_the_answer():
     assert out.source == "append"
     assert out.refined_instruction == ("Answer the question.\nRequirement from the user: "
                                        "No, that's not right. I want meters.")
+
+
+def test_turns_keep_tokens_and_raw_completions_when_dspy_caps_the_lm_history(tiny_lm):
+    rosa2 = make(tiny_lm, "param-only")
+    with dspy.context(max_history_size=1):
+        for _ in range(3):
+            one_turn(rosa2)
+    assert len(tiny_lm.history) == 1
+    for turn in rosa2.session.turns:
+        assert turn.record.tokens["completion"] > 0
+        assert turn.calls[0].completion  # the raw text, even where the parsed fields are empty
