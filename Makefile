@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup run test chat bench clean
+.PHONY: setup run test chat bench experiments clean
 
 setup: $(VENV)/.setup-done
 
@@ -37,6 +37,10 @@ chat: setup
 bench: setup
 	$(BIN)/python -m programs.bench_local_lm
 	$(BIN)/python -m programs.bench_weights_step
+
+experiments: setup
+	$(BIN)/python -m programs.experiment --config math
+	$(BIN)/python -m programs.experiment --config code
 
 clean:
 	rm -rf $(VENV) results/*.png
