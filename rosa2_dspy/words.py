@@ -92,6 +92,9 @@ class InstructionRefiner(dspy.Module):
             return f"refined instruction too long ({len(text)} > {self.max_chars} chars)"
         if text == instruction.strip():
             return "refined instruction unchanged"
+        visible = [c for c in text if not c.isspace()]
+        if len(re.findall(r"[A-Za-z]{2,}", text)) < 3 or sum(c.isalpha() for c in visible) < 0.6 * len(visible):
+            return "refined instruction is not prose (too few words)"
         if "```" in text or "| feedback:" in text or _echoes(text, history):
             return "refined instruction echoes the conversation instead of instructing"
         return ""

@@ -222,6 +222,8 @@ def test_junk_from_the_refiner_keeps_the_instruction(tiny_lm):
     check = InstructionRefiner().rejection_reason
     assert "echoes" in check("Solve it.", "Write def add(a, b): return a - b  # subtracts instead", history)
     assert "field markers" in check("Solve it.", "The instructions are:\n[## instruction ##]\n{instruction}", "")
+    assert "not prose" in check("Solve it.", "The instructions are:\n\n[#2]\n[#3]\n[#4]\n[#5]\n[#6]\n[#7]\n[#8]", "")
+    assert "not prose" in check("Solve it.", "42", "")
     assert check("Solve it.", "Solve it. Please always reply with only the final number and nothing else.",
                  history) == ""
 
