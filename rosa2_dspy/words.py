@@ -95,6 +95,8 @@ class InstructionRefiner(dspy.Module):
         visible = [c for c in text if not c.isspace()]
         if len(re.findall(r"[A-Za-z]{2,}", text)) < 3 or sum(c.isalpha() for c in visible) < 0.6 * len(visible):
             return "refined instruction is not prose (too few words)"
+        if _repeats_itself(text):
+            return "refined instruction repeats itself (a degenerate generation)"
         if "```" in text or "| feedback:" in text or _echoes(text, history):
             return "refined instruction echoes the conversation instead of instructing"
         return ""
@@ -109,6 +111,13 @@ class InstructionRefiner(dspy.Module):
                                    reason=reason, diagnosis=diagnosis, source="append")
         return dspy.Prediction(refined_instruction=instruction, accepted=False, reason=reason, diagnosis=diagnosis,
                                source="kept")
+
+
+def _repeats_itself(text: str) -> bool:
+    """True when a sentence or line of ``text`` (of a few words at least) occurs more than once."""
+    parts = [" ".join(p.split()).lower() for p in re.split(r"(?<=[.!?])\s+|\n+", text)]
+    parts = [p for p in parts if len(p) >= 12]
+    return len(parts) != len(set(parts))
 
 
 def _echoes(text: str, history: str, span: int = 40) -> bool:

@@ -224,6 +224,10 @@ def test_junk_from_the_refiner_keeps_the_instruction(tiny_lm):
     assert "field markers" in check("Solve it.", "The instructions are:\n[## instruction ##]\n{instruction}", "")
     assert "not prose" in check("Solve it.", "The instructions are:\n\n[#2]\n[#3]\n[#4]\n[#5]\n[#6]\n[#7]\n[#8]", "")
     assert "not prose" in check("Solve it.", "42", "")
+    looped = "The user's feedback is:\n\nThe answer is 3 km.\n\nThe user's feedback is:\n\nThe answer is 3 km"
+    assert "repeats itself" in check("Solve it.", looped, "")
+    kept_requirements = "Solve it.\nRequirement from the user: use meters.\nRequirement from the user: be brief."
+    assert check("Solve it.", kept_requirements, "") == ""
     assert check("Solve it.", "Solve it. Please always reply with only the final number and nothing else.",
                  history) == ""
 
