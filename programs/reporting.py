@@ -27,13 +27,13 @@ def machine_facts() -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """A GitHub-markdown table; floats get 4 significant digits."""
+    """A GitHub-markdown table; floats get 4 significant digits, missing values (e.g. nothing solved) show "–"."""
     columns = columns or list(rows[0])
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.4g}"
-        return "" if value is None else str(value)
+        return "–" if value is None else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
