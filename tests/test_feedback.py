@@ -61,6 +61,9 @@ def test_math_verifier_scores_and_never_states_the_gold() -> None:
     wrong = ask(verifier, example, answer="I think it is 88.")
     assert (wrong.score, wrong.solved) == (0.0, False)
     assert "88" in wrong.feedback and "incorrect" in wrong.feedback and "12" not in wrong.feedback
+    echo = ask(verifier, example, answer="What is 7 + 5?\n\nRespond with the fields.")  # = 12 for sympy
+    assert echo.score == 0.0 and "restated 7 + 5" in echo.feedback
+    assert ask(verifier, example, answer="7 + 5 = 12").score == 1.0
     missing = ask(verifier, example, answer="Let me think about it.")
     assert missing.score == 0.0 and "could not find a final answer" in missing.feedback
     with pytest.raises(ValueError, match="gold_field"):
@@ -214,6 +217,7 @@ def test_datasets_load_with_the_fields_the_verifiers_need(name: str) -> None:
     assert signature_for(name).startswith("question -> ")
     if name == "math":
         assert sorted({e.level for e in examples}) == [1, 2, 3]
+        assert [e.level for e in load_task(name, limit=6, spread=True)] == [1, 1, 2, 2, 3, 3]
     if name == "intent":
         assert {e.kind for e in examples} == {"format", "units", "constraint"}
 

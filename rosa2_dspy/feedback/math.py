@@ -104,14 +104,24 @@ def answers_match(gold: str, answer: str) -> bool:
     return _normalise(gold) == _normalise(answer)
 
 
+def _restates(answer: str, question: str, gold: str) -> bool:
+    """Is ``answer`` an expression (not a plain number) copied from ``question``, other than the gold itself?"""
+    expression = _normalise(answer)
+    return (to_number(answer) is None and expression != _normalise(gold)
+            and expression in _normalise(question))
+
+
 class MathVerifier:
     """Feedback source for math: score 1 if the final answer equals the gold, else 0, with a reason.
 
-    The feedback never states the gold answer; wrap it in a SimulatedUser to hint at or reveal it.
+    The feedback never states the gold answer; wrap it in a SimulatedUser to hint at or reveal it. An
+    expression copied from the question ("What is 9 - 4?" answered with "9 - 4") is no answer, although
+    it is symbolically equal to the gold: it scores 0.
     """
 
-    def __init__(self, answer_field: str = "answer", gold_field: str = "answer") -> None:
-        self.answer_field, self.gold_field = answer_field, gold_field
+    def __init__(self, answer_field: str = "answer", gold_field: str = "answer",
+                 question_field: str = "question") -> None:
+        self.answer_field, self.gold_field, self.question_field = answer_field, gold_field, question_field
 
     def __call__(self, example: Any, prediction: Any, trace: Any = None,
                  history: list[Any] | None = None) -> dspy.Prediction:
@@ -123,6 +133,12 @@ class MathVerifier:
         if answer is None:
             return dspy.Prediction(score=0.0, solved=False,
                                    feedback="I could not find a final answer; end with the final answer only.")
-        if answers_match(extract_answer(gold) or gold, answer):
+        gold = extract_answer(gold) or gold
+        question = field_text(example, self.question_field)
+        if question and _restates(answer, question, gold):
+            return dspy.Prediction(score=0.0, solved=False,
+                                   feedback=f"You restated {answer} from the question instead of working it out; "
+                                            "end with the value.")
+        if answers_match(gold, answer):
             return dspy.Prediction(score=1.0, solved=True, feedback=f"Your final answer {answer} is correct.")
         return dspy.Prediction(score=0.0, solved=False, feedback=f"Your final answer {answer} is incorrect.")
