@@ -10,7 +10,8 @@ and ``results/<name>.png`` (accuracy over turns, like the paper's Figure 2a).
 
 Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by name, not code::
 
-    {"name": "...", "task": "intent", "limit": 8, "program": "predict", "modes": [...], "max_turns": 4,
+    {"name": "...", "task": "intent", "limit": 8, "spread": false, "program": "predict", "modes": [...],
+     "max_turns": 4,
      "actor": {"model": "embedded", "device": "cpu", "dtype": "float32", "max_tokens": 64,
                "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
      "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 96},
@@ -92,7 +93,7 @@ def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
 def run_experiment(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run every configured mode; returns {"config", "summaries", "theorem_4_1", "trajectories"}."""
     task = config.get("task", "intent")
-    examples = load_task(task, limit=config.get("limit"))
+    examples = load_task(task, limit=config.get("limit"), spread=config.get("spread", False))
     actor = build_actor(config.get("actor", {}))
     served = not isinstance(actor, LocalLM)
     modes = config.get("modes", list(SERVED_MODES if served else MODES))

@@ -22,11 +22,17 @@ def _check(name: str) -> None:
         raise ValueError(f"Unknown task {name!r}; choose one of {TASKS}.")
 
 
-def load_task(name: str, limit: int | None = None) -> list[dspy.Example]:
-    """The task's examples (all fields kept for the verifiers), with ``question`` as the only input."""
+def load_task(name: str, limit: int | None = None, spread: bool = False) -> list[dspy.Example]:
+    """The task's examples (all fields kept for the verifiers), with ``question`` as the only input.
+
+    ``limit`` keeps the first ``limit`` rows, or, with ``spread=True``, ``limit`` rows evenly spaced over
+    the file, so that a small run still covers every difficulty level (the files are ordered by level).
+    """
     _check(name)
     text = resources.files("programs").joinpath("data", f"{name}.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if limit is not None and spread and 0 < limit < len(rows):
+        rows = [rows[i * len(rows) // limit] for i in range(limit)]
     return [dspy.Example(**row).with_inputs("question") for row in rows[:limit]]
 
 
