@@ -5,8 +5,8 @@ takes the current ``instruction`` (a rewrite needs its source) and first writes 
 "gradient": what the user means that the instruction misses — before the rewritten instruction.
 :class:`InstructionRefiner` runs it with its own LM (``dspy.context``), so the refiner can be a strong
 remote litellm model while the actor stays local, and it refuses unusable output: an empty, overlong,
-format-leaking or conversation-echoing rewrite, or an LM error, keeps the previous instruction and
-records why.
+format-leaking, non-prose, self-repeating or conversation-echoing rewrite, or an LM error, keeps the
+previous instruction and records why.
 
 A very small refiner (the embedded 135M model) rarely writes a usable instruction. For such set-ups
 ``fallback="append"`` turns a rejected rewrite into the simplest textual step there is: the feedback
