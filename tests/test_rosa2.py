@@ -281,6 +281,22 @@ def test_weight_modes_need_a_local_actor():
     assert ROSA2(dspy.Predict("question -> answer"), served, wrong, mode="prompt-only").policy is None
 
 
+def test_a_served_actor_runs_the_text_only_modes():
+    """A served model (any dspy.LM; DummyLM stands in for it, offline) runs static and prompt-only."""
+    for mode in ("static", "prompt-only"):
+        actor = DummyLM([{"answer": "4"}] * 6)
+        rosa2 = ROSA2(dspy.Predict("question -> answer"), actor, wrong, mode=mode, refiner_lm=refiner(), max_turns=2)
+        result = rosa2.interact(EXAMPLE)
+        assert result.turns == 2 and not result.solved and result.answer == "4"
+        assert rosa2.session.adapter is None and result.trajectory[0].weights is None
+        system = actor.history[-1]["messages"][0]["content"]
+        if mode == "prompt-only":  # the second turn ran under the refined words
+            assert set(result.trajectory[1].instructions.values()) == {REFINED} and REFINED in system
+        else:  # the words stay; the feedback comes back as a chat turn
+            assert result.trajectory[1].instructions == rosa2.original_instructions and REFINED not in system
+            assert "Wrong: I want just the number." in actor.history[-1]["messages"][-1]["content"]
+
+
 @pytest.mark.integration
 def test_embedded_model_runs_three_turns_for_cot_and_a_two_stage_pipeline(embedded_lm):
     """End to end on the real embedded model, which is also the refiner (nothing remote, nothing mocked)."""
