@@ -98,7 +98,8 @@ def run_chat(rosa2: ROSA2, read: Callable[[str], str] = input, write: Callable[[
         write(f"[turn {len(rosa2.session.turns) + 1}] {answer_field}: {prediction[answer_field]}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
+         write: Callable[[str], None] = print) -> None:
     parser = argparse.ArgumentParser(prog="rosa2-chat", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded", help="'embedded', a local checkpoint folder or a hub id")
     parser.add_argument("--device", default="cpu")
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--signature", default="question -> answer")
     parser.add_argument("--refiner-lm", default=None,
                         help="litellm model string for the words step (default: the local actor)")
+    parser.add_argument("--refiner-fallback", default=None, choices=("keep", "append"),
+                        help="what an unusable rewrite becomes (default: 'append' with the local refiner, "
+                             "whose rewrites are rarely usable; 'keep' with --refiner-lm)")
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args(argv)
 
@@ -115,9 +119,11 @@ def main(argv: list[str] | None = None) -> None:
 
     actor = LocalLM(args.model, device=args.device, dtype=args.dtype, max_tokens=args.max_tokens)
     refiner = dspy.LM(args.refiner_lm) if args.refiner_lm else None
-    rosa2 = ROSA2(PROGRAMS[args.program](args.signature), actor, mode=args.mode, refiner_lm=refiner)
+    fallback = args.refiner_fallback or ("keep" if refiner else "append")
+    rosa2 = ROSA2(PROGRAMS[args.program](args.signature), actor, mode=args.mode, refiner_lm=refiner,
+                  refiner_fallback=fallback)
     try:
-        run_chat(rosa2)
+        run_chat(rosa2, read, write)
     except KeyboardInterrupt:
         sys.exit(0)
 

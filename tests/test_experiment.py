@@ -9,18 +9,8 @@ import json
 
 import pytest
 
-from conftest import build_tiny_model, build_tiny_tokenizer
 from programs import experiment, reporting
 from rosa2_dspy import MODES
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    tokenizer = build_tiny_tokenizer()
-    folder = tmp_path / "tiny-model"
-    build_tiny_model(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_every_mode_runs_on_the_same_tasks_and_reports_table_json_and_plot(tiny_model_dir, tmp_path, monkeypatch):
