@@ -222,3 +222,25 @@ def test_embedded_model_answers_chain_of_thought_offline(embedded_lm):
     assert embedded_lm.history[-1]["usage"]["completion_tokens"] > 0
     lp = embedded_lm.policy.logprob(MESSAGES, "5", with_grad=True)
     assert lp.num_tokens >= 2 and torch.isfinite(lp.grad).all()
+
+
+def test_bfloat16_model_keeps_a_float32_adapter_that_steps_and_round_trips(tmp_path):
+    """The GPU configs run the base in bfloat16; here the same dtype path runs on the CPU."""
+    from rosa2_dspy.weights import ROSAStep, ScoredResponse
+
+    policy = make_tiny_policy(dtype="bfloat16")
+    assert {p.dtype for p in policy._params} == {torch.float32}  # a small Δθ must not round away in bf16
+    assert policy.model.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+    _randomise_adapter(policy)
+    text, _, n_out, _ = policy.generate(MESSAGES, max_new_tokens=8)
+    assert isinstance(text, str) and n_out > 0
+    responses = [ScoredResponse(MESSAGES, "It is 4.", 0.0), ScoredResponse(MESSAGES, "It is 5.", 1.0, "reference")]
+    step = ROSAStep(beta=0.5, max_norm=1.0).step(policy, responses)
+    assert step.applied and 0 < step.delta_norm <= 1.0
+    down, up = step.logprob_change
+    assert down < 0 < up
+    adapted = policy.adapter_vector()
+    policy.save_adapter(tmp_path / "bf16")
+    policy.reset_adapter()
+    policy.load_adapter(tmp_path / "bf16")
+    assert torch.equal(policy.adapter_vector(), adapted)
