@@ -36,7 +36,7 @@ from typing import Any
 import dspy
 from tqdm import tqdm
 
-from programs.reporting import RESULTS_DIR, write_results
+from programs.reporting import write_results
 from programs.tasks import feedback_for, load_task, signature_for
 from rosa2_dspy import MODES, ROSA2, LocalLM, LoRASettings, ROSAStep, summarize
 
@@ -173,7 +173,7 @@ def report(results: dict[str, Any], name: str) -> dict[str, Path]:
     rows = table_rows(results["summaries"])
     json_path = write_results(name, rows, extra={k: v for k, v in results.items()})
     config = results["config"]
-    plot = plot_accuracy(results["summaries"], RESULTS_DIR / f"{name}.png",
+    plot = plot_accuracy(results["summaries"], json_path.with_suffix(".png"),
                          f"{config.get('task', 'intent')} · {config.get('actor', {}).get('model', 'embedded')}")
     theorem = results["theorem_4_1"]
     if theorem.get("pairs"):

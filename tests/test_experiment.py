@@ -16,7 +16,6 @@ from rosa2_dspy import MODES
 def test_every_mode_runs_on_the_same_tasks_and_reports_table_json_and_plot(tiny_model_dir, tmp_path, monkeypatch):
     results_dir = tmp_path / "results"
     monkeypatch.setattr(reporting, "RESULTS_DIR", results_dir)
-    monkeypatch.setattr(experiment, "RESULTS_DIR", results_dir)
     config = {
         "name": "tiny", "task": "intent", "limit": 2, "spread": True, "max_turns": 2,
         "actor": {"model": str(tiny_model_dir), "max_tokens": 8, "lora": {"rank": 4, "alpha": 8}},
@@ -42,6 +41,7 @@ def test_every_mode_runs_on_the_same_tasks_and_reports_table_json_and_plot(tiny_
     written = json.loads(paths["json"].read_text())
     assert [row["mode"] for row in written["rows"]] == list(MODES)
     assert written["machine"]["cpu_count"] and written["trajectories"]["joint"][0][0]["turn"] == 1
+    assert paths["json"].parent == paths["plot"].parent == results_dir
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
