@@ -253,16 +253,32 @@ class ROSAStep(WeightOptimizer):
             record.reason = "non-finite solution"
             return
         record.raw_delta_norm = raw
-        if raw > self.max_norm:
-            delta = delta * (self.max_norm / raw)
-            record.clipped = True
-        record.delta = delta.float()
-        record.delta_norm = float(delta.norm())
+        record.clipped = raw > self.max_norm
+        record.delta = _within_radius(delta, self.max_norm)
+        record.delta_norm = float(record.delta.double().norm())
         if not apply:
             record.reason = "dry run"
             return
         policy.apply_delta(record.delta)
         record.applied = True
+
+
+def _within_radius(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    """``delta`` as float32, scaled back onto the ball ``‖Δθ‖ <= radius`` when it is longer.
+
+    Scaling in float64 and then rounding to float32 can land one ulp outside the ball; the factor
+    shrinks until the float32 vector itself is inside, so the trust region holds exactly.
+    """
+    delta = delta.to(torch.float64)
+    norm = float(delta.norm())
+    if norm <= radius:
+        return delta.float()
+    factor = radius / norm
+    while True:
+        clipped = (delta * factor).float()
+        if float(clipped.double().norm()) <= radius:
+            return clipped
+        factor *= 1 - 1e-7
 
 
 class IterativeTTT(WeightOptimizer):
