@@ -67,3 +67,36 @@ class LenientChatAdapter(ChatAdapter):
                     message=f"Field {name} needs a {field.annotation}, got {text!r}: {err}",
                 ) from err
         return fields
+
+
+class ConversationAdapter(LenientChatAdapter):
+    """Static mode's context: earlier turns and their feedback replayed as chat messages.
+
+    For each predictor, its own earlier inputs/outputs become user/assistant turns, each later user turn
+    starting with the feedback the previous answer got.
+    """
+
+    def __init__(self, turns_by_signature: dict[int, list[tuple[dict, dict, str]]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.turns_by_signature = turns_by_signature
+
+    def format(self, signature: Any, demos: list, inputs: dict) -> list[dict[str, Any]]:
+        messages = super().format(signature, demos, inputs)
+        turns = self.turns_by_signature.get(id(signature), [])
+        if not turns:
+            return messages
+        conversation, previous_feedback = [], ""
+        for past_inputs, past_outputs, feedback in turns:
+            user = self.format_user_message_content(signature, past_inputs)
+            conversation.append({"role": "user", "content": _with_feedback(previous_feedback, user)})
+            conversation.append(
+                {"role": "assistant", "content": self.format_assistant_message_content(signature, past_outputs)}
+            )
+            previous_feedback = feedback
+        last = dict(messages[-1])
+        last["content"] = _with_feedback(previous_feedback, last["content"])
+        return messages[:-1] + conversation + [last]
+
+
+def _with_feedback(feedback: str, content: str) -> str:
+    return f"Feedback on your previous answer: {feedback}\n\n{content}" if feedback else content

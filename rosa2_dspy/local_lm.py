@@ -19,10 +19,13 @@ state is an adapter *vector* (see :meth:`LoRAPolicy.adapter_vector`), which call
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +34,42 @@ import dspy
 import torch
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
 
+from rosa2_dspy.engine import Batcher, GenerationRow, ScoreRow
 from rosa2_dspy.errors import AdapterLoadError
+from rosa2_dspy.multi_lora import MultiLoRA
 
 logger = logging.getLogger(__name__)
 
 ChatMessages = Sequence[dict[str, str]]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Which adapter a LocalLM call runs under, and where it records what the model wrote. Both belong to the
+# calling context (a thread, an asyncio task), never to the model, so concurrent conversations never mix.
+_ADAPTER: ContextVar[torch.Tensor | None] = ContextVar("rosa2_adapter", default=None)
+_RECORD: ContextVar[list | None] = ContextVar("rosa2_record", default=None)
+
+
+@dataclass
+class RawCompletion:
+    """What the model really wrote for one LocalLM call (before any DSPy parsing), and its token counts."""
+
+    messages: list[dict[str, str]]
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@contextlib.contextmanager
+def lm_scope(adapter: torch.Tensor | None = None, record: list | None = None) -> Iterator[None]:
+    """Within this block (this thread or task only), LocalLM calls run under ``adapter`` (a flat adapter
+    vector; ``None``: the policy's own adapter) and append a :class:`RawCompletion` to ``record``."""
+    tokens = (_ADAPTER.set(adapter), _RECORD.set(record))
+    try:
+        yield
+    finally:
+        _RECORD.reset(tokens[1])
+        _ADAPTER.reset(tokens[0])
 
 
 @dataclass
@@ -130,8 +162,10 @@ class LoRAPolicy:
         self.model.eval()  # no dropout: gradients and greedy answers are deterministic
         self._params = [p for _, p in self._named_adapter_parameters()]
         self._initial = self.adapter_vector()
-        # One model serves every caller (DSPy threads, several sessions): serialise access to it.
+        # One model serves every caller; the batcher's worker runs every pass under this lock.
         self.lock = threading.RLock()
+        self.multi_lora = MultiLoRA(self.model, self._params)
+        self.batcher = Batcher(self)
 
     # ------------------------------------------------------------------ construction
 
@@ -181,6 +215,11 @@ class LoRAPolicy:
         if not named or not all("lora_" in n for n, _ in named):
             raise RuntimeError("Expected only LoRA parameters to be trainable; PEFT setup went wrong.")
         return named
+
+    @property
+    def causal_lm(self) -> Any:
+        """The transformers model inside the PEFT wrapper (its LoRA layers are computed per row)."""
+        return self.model.get_base_model()
 
     @property
     def num_adapter_parameters(self) -> int:
@@ -233,7 +272,6 @@ class LoRAPolicy:
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
     def generate(
         self,
         messages: ChatMessages,
@@ -243,67 +281,55 @@ class LoRAPolicy:
         top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        adapter: torch.Tensor | None = None,
     ) -> tuple[str, int, int, str]:
         """Answer a chat. Returns ``(text, prompt_tokens, completion_tokens, finish_reason)``.
 
-        ``temperature`` 0/None is greedy decoding, which is deterministic.
+        ``temperature`` 0/None is greedy decoding, which is deterministic. ``adapter`` (a flat vector)
+        answers under that adapter instead of the policy's own. Concurrent calls from other threads are
+        batched together by :attr:`batcher`, each row under its own adapter.
         """
         prompt = self._prompt_ids(messages)
-        input_ids = torch.tensor([prompt], device=self.device)
-        sample = bool(temperature) and temperature > 0
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        if sample:
-            kwargs.update(temperature=temperature, top_p=top_p or 1.0)
-        else:  # silence "temperature is set but do_sample=False" from a model's generation_config
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        with self.lock:
-            if seed is not None:
-                torch.manual_seed(seed)
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs
-            )
-        new_tokens = output[0, len(prompt) :].tolist()
-        finish = "stop" if new_tokens and new_tokens[-1] == self.tokenizer.eos_token_id else "length"
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed)
+        out = self.batcher.generate([row])[0]
+        text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
+        finish = out.finish_reason
         for s in stop:
             if s and s in text:
                 text, finish = text[: text.index(s)], "stop"
-        return text, len(prompt), len(new_tokens), finish
+        return text, len(prompt), len(out.tokens), finish
+
+    def _adapter_or_own(self, adapter: torch.Tensor | None) -> torch.Tensor:
+        if adapter is None:
+            return self.adapter_vector()
+        adapter = torch.as_tensor(adapter, dtype=torch.float32)
+        if adapter.shape != (self.num_adapter_parameters,):
+            raise ValueError(f"Adapter vector has shape {tuple(adapter.shape)}, expected ({self.num_adapter_parameters},).")
+        return adapter
 
     # ------------------------------------------------------------------ log-probabilities
 
-    def logprob(self, messages: ChatMessages, response: str, *, with_grad: bool = False) -> LogProb:
-        """``log pi_theta(response | messages)``, summed over the response's tokens (end-of-turn included).
+    def logprobs(self, pairs: Sequence[tuple[ChatMessages, str]], *, with_grad: bool = False,
+                 adapter: torch.Tensor | None = None) -> list[LogProb]:
+        """``log pi_theta(response | messages)`` of each ``(messages, response)`` pair, summed over the
+        response's tokens (end-of-turn included), all in one batched pass.
 
-        With ``with_grad=True`` the result carries ``grad``: the gradient of that sum with respect to the
-        adapter parameters only, as a flat float32 CPU vector aligned with :meth:`adapter_vector`.
+        With ``with_grad=True`` each result carries ``grad``: the gradient of its own sum with respect to
+        the adapter parameters only (a per-sample gradient), a flat float32 CPU vector aligned with
+        :meth:`adapter_vector`. ``adapter`` scores under that vector instead of the policy's own.
         """
-        if not isinstance(response, str):
-            raise TypeError(f"response must be a string, got {type(response).__name__}.")
-        prompt = self._prompt_ids(messages)
-        answer = self._response_ids(response)
-        ids = torch.tensor([prompt + answer], device=self.device)
-        with self.lock, torch.set_grad_enabled(with_grad):
-            logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-            if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision softmax loses too much
-                logits = logits.float()
-            target = ids[0, len(prompt) :]
-            total = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum()
-            grad = None
-            if with_grad:
-                grads = torch.autograd.grad(total, self._params, allow_unused=True)
-                grad = torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
-                        for g, p in zip(grads, self._params)
-                    ]
-                )
-        return LogProb(total=float(total.detach()), num_tokens=len(answer), grad=grad)
+        vector = self._adapter_or_own(adapter)
+        rows = []
+        for messages, response in pairs:
+            if not isinstance(response, str):
+                raise TypeError(f"response must be a string, got {type(response).__name__}.")
+            rows.append(ScoreRow(self._prompt_ids(messages), self._response_ids(response), vector, with_grad))
+        return [LogProb(s.total, s.num_tokens, s.grad) for s in self.batcher.score(rows)]
+
+    def logprob(self, messages: ChatMessages, response: str, *, with_grad: bool = False,
+                adapter: torch.Tensor | None = None) -> LogProb:
+        """One pair's :meth:`logprobs`."""
+        return self.logprobs([(messages, response)], with_grad=with_grad, adapter=adapter)[0]
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -392,14 +418,19 @@ class LocalEngine:
 
     def complete(self, request: Any) -> Response:
         config = request.config
+        messages = self.chat_messages(request)
         text, n_in, n_out, finish = self.policy.generate(
-            self.chat_messages(request),
+            messages,
             max_new_tokens=config.max_tokens or 256,
             temperature=config.temperature,
             top_p=config.top_p,
             seed=config.seed if config.seed is not None else self.seed,
             stop=config.stop or (),
+            adapter=_ADAPTER.get(),
         )
+        record = _RECORD.get()
+        if record is not None:
+            record.append(RawCompletion(messages, text, n_in, n_out))
         return Response(
             id=None,
             model=self.model_name,
@@ -412,6 +443,28 @@ class LocalEngine:
         return response_to_events(self.complete(request))
 
     def close(self) -> None:
+        pass
+
+
+class AsyncLocalEngine:
+    """DSPy's async engine contract (``async def complete``) over :class:`LocalEngine`.
+
+    The call runs on a thread (``asyncio.to_thread`` keeps the task's context, so its adapter and record
+    scope hold), where the batcher joins it with whatever else is in flight: many coroutines awaiting
+    one LocalLM share batched passes and never block the event loop.
+    """
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self.engine = engine
+
+    async def complete(self, request: Any) -> Response:
+        return await asyncio.to_thread(self.engine.complete, request)
+
+    async def stream(self, request: Any):
+        for event in response_to_events(await self.complete(request)):
+            yield event
+
+    async def close(self) -> None:
         pass
 
 
@@ -459,13 +512,15 @@ class LocalLM(dspy.LM):
             name = model
         self.policy = policy
         model_name = "local/" + Path(str(name)).name
+        engine = LocalEngine(policy, model_name, seed=seed)
         super().__init__(
             model_name,
             temperature=temperature,
             max_tokens=max_tokens,
             cache=cache,
             num_retries=0,
-            engine=LocalEngine(policy, model_name, seed=seed),
+            engine=engine,
+            async_engine=AsyncLocalEngine(engine),
             **kwargs,
         )
 

@@ -21,22 +21,22 @@ mode             words                                           weights
 ``joint``        textual step                                    ROSA step under new words
 ===============  ==============================================  =========================
 
-Sessions: each conversation has its own state — instructions, adapter vector, turns. The model is
-shared; a session's adapter is loaded into it only while that session runs (under the model's lock)
-and the previous adapter is put back afterwards, so one session's adaptation never leaks into another
-or into plain uses of the LM. ``start_session(carry_over_from=...)`` carries adaptation across
-conversations of one user.
+Sessions (``rosa2_dspy.sessions``): each conversation has its own state — instructions, adapter
+vector, turns. The model is shared and never holds a session's adapter: each call carries its
+session's adapter to the LM (``lm_scope``), where the batching engine runs concurrent conversations
+in one pass, each row under its own adapter. Which session a call runs in belongs to the call:
+``with rosa2.in_session(sid):``, the session ``interact()`` opens for itself, else the default
+session (one user in a notebook). So one instance serves many users from threads
+(``dspy.Parallel``, ``dspy.Evaluate(num_threads=...)``, a thread pool over ``interact``) or asyncio
+(``acall``, ``ainteract``). ``start_session(carry_over_from=...)`` carries adaptation across
+conversations of one user. Persistence lives in ``rosa2_dspy.persistence``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
-import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,86 +44,18 @@ import dspy
 import torch
 from dspy.adapters.chat_adapter import field_header_pattern
 
-from rosa2_dspy.adapter import LenientChatAdapter
-from rosa2_dspy.errors import AdapterLoadError, FeedbackError
+from rosa2_dspy import persistence
+from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
+from rosa2_dspy.errors import FeedbackError
 from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback
-from rosa2_dspy.local_lm import LocalLM, LoRAPolicy
+from rosa2_dspy.local_lm import LocalLM, LoRAPolicy, lm_scope
 from rosa2_dspy.records import TurnRecord
+from rosa2_dspy.sessions import Call, Session, SessionStore, Turn
 from rosa2_dspy.weights import ROSAStep, ScoredResponse, WeightOptimizer
 from rosa2_dspy.words import InstructionRefiner
 
 MODES = ("static", "prompt-only", "param-only", "switch", "joint")
 _WEIGHT_MODES = {"param-only", "switch", "joint"}
-_STATE_VERSION = 1
-_SERVED_LM_LOCK = threading.RLock()  # serialises sessions when the actor is a served model (no policy lock)
-
-
-@dataclass
-class _Call:
-    """One predictor call inside a turn, as DSPy's trace records it, with the LM's raw completion."""
-
-    predictor: str
-    inputs: dict[str, Any]
-    outputs: dict[str, Any]
-    completion: str | None = None
-
-
-@dataclass
-class _Turn:
-    inputs: dict[str, Any]
-    calls: list[_Call]
-    record: TurnRecord
-
-
-@dataclass
-class Session:
-    """One conversation's state: instructions per predictor, adapter vector, turns so far."""
-
-    session_id: str
-    instructions: dict[str, str]
-    adapter: torch.Tensor | None
-    turns: list[_Turn] = field(default_factory=list)
-    pending: _Turn | None = None
-    axis: str = "words"  # switch mode: the axis being moved
-    stall: int = 0
-    best_reward: float = -1.0
-
-    @property
-    def history(self) -> list[TurnRecord]:
-        return [t.record for t in self.turns]
-
-
-class ConversationAdapter(LenientChatAdapter):
-    """Static mode's context: earlier turns and their feedback replayed as chat messages.
-
-    For each predictor, its own earlier inputs/outputs become user/assistant turns, each later user turn
-    starting with the feedback the previous answer got.
-    """
-
-    def __init__(self, turns_by_signature: dict[int, list[tuple[dict, dict, str]]], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.turns_by_signature = turns_by_signature
-
-    def format(self, signature: Any, demos: list, inputs: dict) -> list[dict[str, Any]]:
-        messages = super().format(signature, demos, inputs)
-        turns = self.turns_by_signature.get(id(signature), [])
-        if not turns:
-            return messages
-        conversation, previous_feedback = [], ""
-        for past_inputs, past_outputs, feedback in turns:
-            user = self.format_user_message_content(signature, past_inputs)
-            conversation.append({"role": "user", "content": _with_feedback(previous_feedback, user)})
-            conversation.append(
-                {"role": "assistant", "content": self.format_assistant_message_content(signature, past_outputs)}
-            )
-            previous_feedback = feedback
-        last = dict(messages[-1])
-        last["content"] = _with_feedback(previous_feedback, last["content"])
-        return messages[:-1] + conversation + [last]
-
-
-def _with_feedback(feedback: str, content: str) -> str:
-    return f"Feedback on your previous answer: {feedback}\n\n{content}" if feedback else content
 
 
 class ROSA2(dspy.Module):
@@ -144,13 +76,16 @@ class ROSA2(dspy.Module):
         threshold: score at which a task counts as solved, when the source does not say.
         switch_patience: ``switch`` mode moves to the other axis after this many turns without a better reward.
         compare_words: also compute the weights step under the *original* words (not applied) and record
-            its ``‖Δθ‖`` — the Theorem 4.1 comparison; costs one extra gradient pass per response.
+            its ``‖Δθ‖`` — the Theorem 4.1 comparison; costs one extra gradient pass, timed apart
+            (``times["compare_words"]``), not as adaptation.
 
     Example:
         >>> rosa2 = ROSA2(dspy.ChainOfThought("question -> answer"), lm=LocalLM(),   # doctest: +SKIP
         ...               feedback=my_metric, mode="joint")
         >>> result = rosa2.interact(dspy.Example(question="...", answer="...").with_inputs("question"))
         >>> [r.reward for r in result.trajectory]
+        >>> with ThreadPoolExecutor(8) as pool:                   # many users, one instance, batched
+        ...     results = list(pool.map(rosa2.interact, examples))
     """
 
     def __init__(
@@ -191,8 +126,7 @@ class ROSA2(dspy.Module):
         self.switch_patience = switch_patience
         self.compare_words = compare_words
         self.original_instructions = {n: p.signature.instructions for n, p in program.named_predictors()}
-        self.sessions: dict[str, Session] = {}
-        self.current_session_id: str | None = None
+        self.store = SessionStore(self._fresh_state)
 
     # ------------------------------------------------------------------ sessions
 
@@ -200,138 +134,118 @@ class ROSA2(dspy.Module):
     def policy(self) -> LoRAPolicy | None:
         return self.lm.policy if isinstance(self.lm, LocalLM) else None
 
-    def start_session(self, session_id: str | None = None, carry_over_from: str | None = None) -> str:
-        """Start a conversation (and make it current): original instructions and the initial adapter,
-        or, with ``carry_over_from``, that session's instructions and adapter."""
-        session_id = session_id or uuid.uuid4().hex[:12]
-        if session_id in self.sessions:
-            raise ValueError(f"Session {session_id!r} exists; use use_session() or reset_session().")
-        if carry_over_from is not None:
-            source = self._session(carry_over_from)
-            instructions, adapter = dict(source.instructions), _clone(source.adapter)
-        else:
-            instructions = dict(self.original_instructions)
-            adapter = self.policy.initial_adapter_vector if self.policy else None
-        self.sessions[session_id] = Session(session_id, instructions, adapter)
-        self.current_session_id = session_id
-        return session_id
+    def _fresh_state(self) -> tuple[dict[str, str], torch.Tensor | None]:
+        return dict(self.original_instructions), self.policy.initial_adapter_vector if self.policy else None
 
-    def use_session(self, session_id: str) -> None:
-        self._session(session_id)
-        self.current_session_id = session_id
+    @property
+    def sessions(self) -> dict[str, Session]:
+        """Every session by id (a snapshot; the sessions themselves are live)."""
+        return self.store.snapshot()
 
-    def reset_session(self, session_id: str | None = None) -> None:
-        """Back to the original instructions and initial adapter; the turns are forgotten."""
-        session = self._session(session_id)
-        fresh = Session(session.session_id, dict(self.original_instructions),
-                        self.policy.initial_adapter_vector if self.policy else None)
-        self.sessions[session.session_id] = fresh
-
-    def end_session(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
-        if self.current_session_id == session_id:
-            self.current_session_id = None
+    @property
+    def current_session_id(self) -> str | None:
+        """The session a call from here would run in (see :meth:`in_session`)."""
+        return self.store.current_id()
 
     @property
     def session(self) -> Session:
-        """The current session (one is started on first use)."""
-        if self.current_session_id is None:
-            self.start_session()
-        return self.sessions[self.current_session_id]
+        """The calling context's session (one is started on first use)."""
+        return self.store.current()
 
-    def _session(self, session_id: str | None) -> Session:
-        if session_id is None:
-            return self.session
-        if session_id not in self.sessions:
-            raise KeyError(f"No session {session_id!r}; known: {sorted(self.sessions)}.")
-        return self.sessions[session_id]
+    def start_session(self, session_id: str | None = None, carry_over_from: str | None = None) -> str:
+        """Start a conversation and make it the default session: original instructions and the initial
+        adapter, or, with ``carry_over_from``, that session's instructions and adapter."""
+        return self.store.start(session_id, carry_over_from, make_default=True)
 
-    @contextlib.contextmanager
-    def _activated(self, session: Session, instructions: dict[str, str] | None = None) -> Iterator[None]:
-        """Run with the session's instructions and adapter; put the program and model back afterwards."""
-        instructions = instructions or session.instructions
-        predictors = dict(self.program.named_predictors())
-        policy = self.policy
-        with policy.lock if policy else _SERVED_LM_LOCK:
-            saved_signatures = {n: p.signature for n, p in predictors.items()}
-            saved_adapter = policy.adapter_vector() if policy else None
-            try:
-                for name, predictor in predictors.items():
-                    predictor.signature = predictor.signature.with_instructions(instructions[name])
-                if policy:
-                    policy.set_adapter_vector(session.adapter)
-                yield
-            finally:
-                for name, predictor in predictors.items():
-                    predictor.signature = saved_signatures[name]
-                if policy:
-                    policy.set_adapter_vector(saved_adapter)
+    def use_session(self, session_id: str) -> None:
+        """Make ``session_id`` the default session (for calls that name none)."""
+        self.store.get(session_id)
+        self.store.default_id = session_id
 
-    # ------------------------------------------------------------------ one turn
+    def in_session(self, session_id: str) -> contextlib.AbstractContextManager[Session]:
+        """``with rosa2.in_session(sid): ...`` — calls from this thread or task run in ``sid``; other
+        threads are unaffected. The way to serve several users from one instance."""
+        return self.store.use(session_id)
+
+    def reset_session(self, session_id: str | None = None) -> None:
+        """Back to the original instructions and initial adapter; the turns are forgotten."""
+        self.store.reset(session_id or self.session.session_id)
+
+    def end_session(self, session_id: str) -> None:
+        self.store.end(session_id)
+
+    # ------------------------------------------------------------------ one turn: forward
+
+    def _program_with(self, instructions: dict[str, str]) -> dspy.Module:
+        """A copy of the wrapped program running ``instructions`` (the original is never modified, so
+        concurrent sessions each see their own words)."""
+        program = self.program.deepcopy()
+        for name, predictor in program.named_predictors():
+            predictor.signature = predictor.signature.with_instructions(instructions[name])
+        return program
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
-        """Run the wrapped program once in the current session. Its feedback goes to :meth:`adapt`."""
-        session = self.session
-        with self._activated(session):
-            adapter = self._conversation_adapter(session) if self.mode == "static" else self.adapter
-            marker = self.lm.history[-1] if self.lm.history else None
-            start = time.perf_counter()
-            with dspy.context(lm=self.lm, adapter=adapter, trace=[]):
-                prediction = self.program(**inputs)
-                trace = list(dspy.settings.trace)
-            elapsed = time.perf_counter() - start
-            names = {id(p): n for n, p in self.program.named_predictors()}
-        calls = [_Call(names[id(p)], dict(i), dict(o.items())) for p, i, o in trace if id(p) in names]
-        entries = _entries_after(self.lm.history, marker)
-        if len(entries) == len(calls):  # one LM call per predictor call: keep what the model really wrote
-            for call, entry in zip(calls, entries):
-                output = (entry.get("outputs") or [None])[0]
-                call.completion = output.get("text") if isinstance(output, dict) else output
-        record = TurnRecord(
-            turn=len(session.turns) + 1,
-            mode=self.mode,
-            instructions=dict(session.instructions),
-            outputs={k: v for k, v in prediction.items()},
-        )
+        """Run the wrapped program once in the calling context's session. Its feedback goes to :meth:`adapt`."""
+        session = self.store.current()
+        with session.lock:  # a consistent snapshot; the answer itself is computed outside the lock
+            instructions, adapter_vector, turns = dict(session.instructions), session.adapter, list(session.turns)
+        program = self._program_with(instructions)
+        adapter = self._conversation_adapter(program, turns) if self.mode == "static" else self.adapter
+        raw: list = []
+        start = time.perf_counter()
+        with lm_scope(adapter_vector, raw), dspy.context(lm=self.lm, adapter=adapter, trace=[], track_usage=True):
+            prediction = program(**inputs)
+            trace = list(dspy.settings.trace)
+        elapsed = time.perf_counter() - start
+        names = {id(p): n for n, p in program.named_predictors()}
+        calls = [Call(names[id(p)], dict(i), dict(o.items())) for p, i, o in trace if id(p) in names]
+        if len(raw) == len(calls):  # one LM call per predictor call: keep what the model really wrote
+            for call, completion in zip(calls, raw):
+                call.completion = completion.text
+        record = TurnRecord(turn=len(turns) + 1, mode=self.mode, instructions=instructions,
+                            outputs={k: v for k, v in prediction.items()})
         record.times["generate"] = elapsed
-        for entry in entries:
-            usage = entry.get("usage") or {}
+        for usage in (prediction.get_lm_usage() or {}).values():
             record.tokens["prompt"] += int(usage.get("prompt_tokens") or 0)
             record.tokens["completion"] += int(usage.get("completion_tokens") or 0)
-        session.pending = _Turn(dict(inputs), calls, record)
+        with session.lock:
+            session.pending = Turn(dict(inputs), calls, record)
         return prediction
 
-    def _conversation_adapter(self, session: Session) -> ConversationAdapter:
-        turns: dict[int, list] = {}
-        for name, predictor in self.program.named_predictors():
-            turns[id(predictor.signature)] = [
-                (c.inputs, c.outputs, t.record.feedback) for t in session.turns for c in t.calls if c.predictor == name
+    def _conversation_adapter(self, program: dspy.Module, turns: list[Turn]) -> ConversationAdapter:
+        by_signature: dict[int, list] = {}
+        for name, predictor in program.named_predictors():
+            by_signature[id(predictor.signature)] = [
+                (c.inputs, c.outputs, t.record.feedback) for t in turns for c in t.calls if c.predictor == name
             ]
-        return ConversationAdapter(turns)
+        return ConversationAdapter(by_signature)
+
+    # ------------------------------------------------------------------ one turn: feedback, words, weights
 
     def adapt(self, feedback: Feedback | str | dict | float, score: float | None = None,
               reference: dict[str, Any] | None = None) -> TurnRecord:
-        """Take feedback on the last answer of the current session and run the words/weights steps.
+        """Take feedback on the last answer of the calling context's session and run the words/weights steps.
 
         ``feedback`` is a text (with ``score`` in [0, 1], default 0: "not it"), or what a feedback source
         returns. Empty or malformed feedback raises :class:`FeedbackError` and the turn stays pending,
         so nothing is lost and the call can be repeated with valid feedback.
         """
-        session = self.session
-        if session.pending is None:
-            raise RuntimeError("No answer awaits feedback: call the module (forward) first.")
-        if isinstance(feedback, str):
-            if not feedback.strip() and score is None:
-                raise FeedbackError("Empty feedback: say what is wrong, or give a score in [0, 1].")
-            feedback = {"score": 0.0 if score is None else score, "feedback": feedback, "reference": reference}
-        verdict = feedback if isinstance(feedback, Feedback) else as_feedback(feedback, self.threshold)
-        turn = self._record_feedback(session, verdict)
-        if not verdict.solved:
-            self._adapt(session, turn, verdict.reference)
-        return turn.record
+        session = self.store.current()
+        with session.lock:
+            if session.pending is None:
+                raise RuntimeError("No answer awaits feedback: call the module (forward) first.")
+            if isinstance(feedback, str):
+                if not feedback.strip() and score is None:
+                    raise FeedbackError("Empty feedback: say what is wrong, or give a score in [0, 1].")
+                feedback = {"score": 0.0 if score is None else score, "feedback": feedback, "reference": reference}
+            verdict = feedback if isinstance(feedback, Feedback) else as_feedback(feedback, self.threshold)
+            turn = self._record_feedback(session, verdict)
+            if not verdict.solved:
+                self._adapt(session, turn, verdict.reference)
+            return turn.record
 
     @staticmethod
-    def _record_feedback(session: Session, verdict: Feedback) -> _Turn:
+    def _record_feedback(session: Session, verdict: Feedback) -> Turn:
         """Close the pending turn with its verdict and add it to the session's turns."""
         turn, session.pending = session.pending, None
         turn.record.reward, turn.record.solved, turn.record.feedback = verdict.score, verdict.solved, verdict.feedback
@@ -351,7 +265,7 @@ class ROSA2(dspy.Module):
             return session.axis == "words", session.axis == "weights"
         return self.mode in {"prompt-only", "joint"}, self.mode in {"param-only", "joint"}
 
-    def _adapt(self, session: Session, turn: _Turn, reference: dict[str, Any] | None) -> None:
+    def _adapt(self, session: Session, turn: Turn, reference: dict[str, Any] | None) -> None:
         record = turn.record
         move_words, move_weights = self._axes(session, record.reward)
         refined = dict(session.instructions)
@@ -361,7 +275,8 @@ class ROSA2(dspy.Module):
                 record.words = {n: {"accepted": False, "reason": "no feedback text"} for n in refined}
             else:
                 for name in refined:
-                    with dspy.context(adapter=self.adapter):
+                    # The refiner runs under the model's own adapter, not the conversation's.
+                    with lm_scope(), dspy.context(adapter=self.adapter):
                         out = self.refiner(instruction=refined[name], feedback=record.feedback,
                                            history=self._history_text(session, name))
                     refined[name] = out.refined_instruction
@@ -370,17 +285,17 @@ class ROSA2(dspy.Module):
             record.refined_instructions = dict(refined)
             record.times["words"] = time.perf_counter() - start
         if move_weights:
-            start = time.perf_counter()
             policy = self.policy
-            responses = self._responses(session, refined, reference)
-            with self._activated(session, refined):
-                if self.compare_words and refined != session.instructions:
-                    dry = self.weights.step(policy, self._responses(session, session.instructions, reference),
-                                            apply=False)
-                    record.delta_norm_original_words = dry.raw_delta_norm
-                step = self.weights.step(policy, responses)
-                if step.applied:
-                    session.adapter = policy.adapter_vector()
+            if self.compare_words and refined != session.instructions:
+                start = time.perf_counter()
+                dry = self.weights.step(policy, self._responses(session, session.instructions, reference),
+                                        apply=False, adapter=session.adapter)
+                record.delta_norm_original_words = dry.raw_delta_norm
+                record.times["compare_words"] = time.perf_counter() - start
+            start = time.perf_counter()
+            step = self.weights.step(policy, self._responses(session, refined, reference), adapter=session.adapter)
+            if step.applied:
+                session.adapter = step.adapter
             record.weights = step.summary()
             record.delta_norm = step.delta_norm if step.applied else 0.0
             record.times["weights"] = time.perf_counter() - start
@@ -425,33 +340,59 @@ class ROSA2(dspy.Module):
 
     def interact(self, example: dspy.Example, max_turns: int | None = None, session_id: str | None = None,
                  carry_over_from: str | None = None) -> dspy.Prediction:
-        """Run a whole interaction on ``example`` with the feedback source, in a new session.
+        """Run a whole interaction on ``example`` with the feedback source, in a new session of its own.
 
         Returns the last prediction's fields plus ``trajectory`` (one :class:`TurnRecord` per turn),
-        ``solved``, ``turns`` and ``session_id``. Stops once solved or after ``max_turns``.
+        ``solved``, ``turns`` and ``session_id``. Stops once solved or after ``max_turns``. Safe to call
+        from many threads at once on one instance: each interaction runs in its own session, and their
+        model work is batched together. The new session also becomes the default one (for a single user
+        who then calls ``rosa2(...)`` / ``rosa2.session``).
         """
         if self.feedback_fn is None:
             raise ValueError("interact() needs a feedback source: ROSA2(..., feedback=my_metric).")
         max_turns = max_turns or self.max_turns
-        session_id = self.start_session(session_id, carry_over_from=carry_over_from)
+        session_id = self.store.start(session_id, carry_over_from=carry_over_from)
+        self.store.default_id = session_id
         inputs = example.inputs()
         prediction = None
-        for turn in range(max_turns):
-            prediction = self(**inputs)
-            pending = self.session.pending
-            start = time.perf_counter()
-            # trace=None: DSPy metrics read a trace as "we are bootstrapping" and may change what they return.
-            verdict = call_feedback(self.feedback_fn, example, prediction, None, history=self.session.history,
-                                    threshold=self.threshold)
-            pending.record.times["feedback"] = time.perf_counter() - start
-            turn_done = self._record_feedback(self.session, verdict)
-            if verdict.solved:
-                break
-            if turn < max_turns - 1:  # after the last turn no answer would use an adaptation
-                self._adapt(self.session, turn_done, verdict.reference)
-        trajectory = self.session.history
+        with self.store.use(session_id) as session:
+            for turn in range(max_turns):
+                prediction = self(**inputs)
+                with session.lock:
+                    pending = session.pending
+                    start = time.perf_counter()
+                    # trace=None: DSPy metrics read a trace as "we are bootstrapping" and may change their result.
+                    verdict = call_feedback(self.feedback_fn, example, prediction, None, history=session.history,
+                                            threshold=self.threshold)
+                    pending.record.times["feedback"] = time.perf_counter() - start
+                    turn_done = self._record_feedback(session, verdict)
+                    if verdict.solved:
+                        break
+                    if turn < max_turns - 1:  # after the last turn no answer would use an adaptation
+                        self._adapt(session, turn_done, verdict.reference)
+            trajectory = session.history
         return dspy.Prediction(**dict(prediction.items()), trajectory=trajectory, solved=bool(trajectory[-1].solved),
                                turns=len(trajectory), session_id=session_id)
+
+    # ------------------------------------------------------------------ async twins
+
+    async def aforward(self, **inputs: Any) -> dspy.Prediction:
+        """``await rosa2.acall(...)``: :meth:`forward` without blocking the event loop.
+
+        The turn runs on a worker thread that keeps the task's context (its session); a LocalLM actor
+        batches it with every other conversation in flight.
+        """
+        return await asyncio.to_thread(self.forward, **inputs)
+
+    async def aadapt(self, feedback: Feedback | str | dict | float, score: float | None = None,
+                     reference: dict[str, Any] | None = None) -> TurnRecord:
+        """Async twin of :meth:`adapt`."""
+        return await asyncio.to_thread(self.adapt, feedback, score, reference)
+
+    async def ainteract(self, example: dspy.Example, max_turns: int | None = None, session_id: str | None = None,
+                        carry_over_from: str | None = None) -> dspy.Prediction:
+        """Async twin of :meth:`interact`: ``await asyncio.gather(*(rosa2.ainteract(e) for e in examples))``."""
+        return await asyncio.to_thread(self.interact, example, max_turns, session_id, carry_over_from)
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -461,66 +402,9 @@ class ROSA2(dspy.Module):
         ``state.json`` holds the program state (DSPy's ``dump_state``) and the sessions; each session's
         adapter is a PEFT folder (``adapter_model.safetensors`` + ``adapter_config.json``).
         """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {
-            "version": _STATE_VERSION,
-            "mode": self.mode,
-            "program": self.program.dump_state(),
-            "original_instructions": self.original_instructions,
-            "current_session_id": self.current_session_id,
-            "sessions": {
-                sid: {
-                    "instructions": s.instructions, "axis": s.axis, "stall": s.stall, "best_reward": s.best_reward,
-                    "turns": [{"inputs": t.inputs, "calls": [c.__dict__ for c in t.calls], "record": t.record.to_dict()}
-                              for t in s.turns],
-                }
-                for sid, s in self.sessions.items()
-            },
-        }
-        (path / "state.json").write_text(json.dumps(state, indent=2, default=str))
-        if self.policy:
-            for sid, s in self.sessions.items():
-                self.policy.save_adapter(path / "adapters" / sid, vector=s.adapter)
-        return path
+        return persistence.save(self, path)
 
     def load(self, path: str | Path, **_: Any) -> "ROSA2":
         """Load what :meth:`save` wrote. Everything is read and checked before anything is replaced."""
-        path = Path(path)
-        try:
-            state = json.loads((path / "state.json").read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise AdapterLoadError(f"{path} holds no readable ROSA2 state.json ({err}).") from err
-        if state.get("version") != _STATE_VERSION:
-            raise AdapterLoadError(f"{path}: unsupported ROSA2 state version {state.get('version')}.")
-        if set(state["original_instructions"]) != set(self.original_instructions):
-            raise AdapterLoadError(
-                f"{path} was saved from a program with predictors {sorted(state['original_instructions'])}, "
-                f"this one has {sorted(self.original_instructions)}."
-            )
-        adapters = {sid: self.policy.read_adapter(path / "adapters" / sid) if self.policy else None
-                    for sid in state["sessions"]}
-        sessions = {}
-        for sid, s in state["sessions"].items():
-            turns = [_Turn(t["inputs"], [_Call(**c) for c in t["calls"]], TurnRecord(**t["record"])) for t in s["turns"]]
-            sessions[sid] = Session(sid, s["instructions"], adapters[sid], turns, None, s["axis"], s["stall"],
-                                    s["best_reward"])
-        self.program.load_state(state["program"])
-        self.original_instructions = state["original_instructions"]
-        self.sessions, self.current_session_id = sessions, state["current_session_id"]
+        persistence.load(self, path)
         return self
-
-
-def _entries_after(history: list[dict], marker: dict | None) -> list[dict]:
-    """The LM history entries recorded after ``marker`` (DSPy caps the history by dropping the oldest, so an
-    index taken before the call can be stale afterwards; the entry object itself is not)."""
-    entries = []
-    for entry in reversed(history):
-        if entry is marker:
-            break
-        entries.append(entry)
-    return entries[::-1]
-
-
-def _clone(vector: torch.Tensor | None) -> torch.Tensor | None:
-    return None if vector is None else vector.clone()

@@ -79,6 +79,7 @@ class WeightStep:
     iterations: int = 0
     seconds: float = 0.0
     delta: torch.Tensor | None = field(default=None, repr=False)
+    adapter: torch.Tensor | None = field(default=None, repr=False)  # the adapter after an applied step
 
     @property
     def logprob_change(self) -> list[float]:
@@ -146,18 +147,25 @@ class WeightOptimizer(Teleprompter):
     def _select(self, responses: Sequence[ScoredResponse]) -> list[ScoredResponse]:
         return [r for r in responses if r.source in self.include]
 
-    def _logprobs(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], with_grad: bool):
-        results = [policy.logprob(r.messages, r.completion, with_grad=with_grad) for r in responses]
+    def _logprobs(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], with_grad: bool,
+                  adapter: torch.Tensor):
+        """Log-probs (and per-response gradients) of every response under ``adapter``, in one batched pass."""
+        results = policy.logprobs([(r.messages, r.completion) for r in responses], with_grad=with_grad,
+                                  adapter=adapter)
         values = [lp.mean if self.length_normalize else lp.total for lp in results]
         if not with_grad:
             return values, None
         grads = torch.stack([lp.grad / lp.num_tokens if self.length_normalize else lp.grad for lp in results])
         return values, grads
 
-    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], apply: bool = True) -> WeightStep:
-        """Update ``policy``'s adapter from scored responses; never leaves a corrupted adapter.
+    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], apply: bool = True,
+             adapter: torch.Tensor | None = None) -> WeightStep:
+        """Take one step from scored responses; never leaves a corrupted adapter.
 
-        ``apply=False`` computes the step (``delta``, norms) without changing the adapter.
+        The step starts from ``adapter`` (a flat vector, e.g. one conversation's) or, by default, from the
+        policy's own adapter. Applied (``apply=True``), the new vector is ``record.adapter``; only when no
+        ``adapter`` was given is it also written into the policy. ``apply=False`` computes the step
+        (``delta``, norms) and changes nothing. Several conversations stepping at once share batched passes.
         """
         start = time.perf_counter()
         chosen = self._select(responses)
@@ -174,23 +182,24 @@ class WeightOptimizer(Teleprompter):
             record.reason = "no reward contrast: every target is 0"
             record.seconds = time.perf_counter() - start
             return record
-        previous = policy.adapter_vector()
-        try:
-            self._update(policy, chosen, advantages, record, apply)
-        except Exception:  # never leave a half-applied update behind
-            policy.set_adapter_vector(previous)
-            raise
+        own = adapter is None
+        before = policy.adapter_vector() if own else torch.as_tensor(adapter, dtype=torch.float32).clone()
+        self._update(policy, chosen, advantages, record, apply, before)
         if record.applied:
-            self._previous = previous
+            record.adapter = before + record.delta
+            if own:
+                policy.set_adapter_vector(record.adapter)
+                self._previous = before
         record.seconds = time.perf_counter() - start
         if self.measure_after and record.applied:
-            record.logprob_after, _ = self._logprobs(policy, chosen, with_grad=False)
+            record.logprob_after, _ = self._logprobs(policy, chosen, False, record.adapter)
         if apply and not record.applied:
             logger.info("%s step skipped: %s", self.name, record.reason)
         return record
 
     def _update(self, policy: LoRAPolicy, responses: list[ScoredResponse], advantages: torch.Tensor,
-                record: WeightStep, apply: bool) -> None:
+                record: WeightStep, apply: bool, adapter: torch.Tensor) -> None:
+        """Fill ``record.delta`` (and ``applied``) for a step from ``adapter``; must not touch the policy."""
         raise NotImplementedError
 
     def rollback(self, policy: LoRAPolicy) -> bool:
@@ -234,8 +243,8 @@ class ROSAStep(WeightOptimizer):
         coefficients = torch.linalg.solve(K + lam * torch.eye(len(K), dtype=torch.float64), advantages)
         return G.T @ coefficients
 
-    def _update(self, policy, responses, advantages, record, apply) -> None:
-        record.logprob_before, grads = self._logprobs(policy, responses, with_grad=True)
+    def _update(self, policy, responses, advantages, record, apply, adapter) -> None:
+        record.logprob_before, grads = self._logprobs(policy, responses, True, adapter)
         record.iterations = 1
         if not torch.isfinite(grads).all():
             record.reason = "non-finite gradient"
@@ -259,7 +268,6 @@ class ROSAStep(WeightOptimizer):
         if not apply:
             record.reason = "dry run"
             return
-        policy.apply_delta(record.delta)
         record.applied = True
 
 
@@ -297,15 +305,14 @@ class IterativeTTT(WeightOptimizer):
         super().__init__(**kwargs)
         self.steps, self.lr, self.optimizer, self.target_gain = steps, lr, optimizer, target_gain
 
-    def _update(self, policy, responses, advantages, record, apply) -> None:
+    def _update(self, policy, responses, advantages, record, apply, adapter) -> None:
         if not apply:
             raise ValueError("IterativeTTT has no dry run: its step is defined by applying it.")
-        start_vector = policy.adapter_vector()
-        theta = torch.nn.Parameter(start_vector.clone())
+        theta = torch.nn.Parameter(adapter.clone())
         opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([theta], lr=self.lr)
-        initial = None
+        initial, current = None, adapter
         for iteration in range(self.steps):
-            values, grads = self._logprobs(policy, responses, with_grad=True)
+            values, grads = self._logprobs(policy, responses, True, current)
             values_t = torch.tensor(values, dtype=torch.float64)
             if initial is None:
                 initial = values_t
@@ -313,8 +320,7 @@ class IterativeTTT(WeightOptimizer):
             gain = values_t - initial
             if self.target_gain is not None and iteration > 0 and gain[0] >= self.target_gain:
                 break
-            if not torch.isfinite(grads).all():
-                policy.set_adapter_vector(start_vector)  # all or nothing
+            if not torch.isfinite(grads).all():  # all or nothing
                 record.reason = "non-finite gradient"
                 record.iterations = 0
                 return
@@ -323,9 +329,9 @@ class IterativeTTT(WeightOptimizer):
             theta.grad = (2 * residual.float()[:, None] * grads).sum(0)
             opt.step()
             opt.zero_grad()
-            policy.set_adapter_vector(theta.detach())
+            current = theta.detach().clone()
             record.iterations = iteration + 1
-        record.delta = policy.adapter_vector() - start_vector
+        record.delta = current - adapter
         record.delta_norm = float(record.delta.norm())
         record.applied = record.iterations > 0
 
@@ -335,6 +341,7 @@ class NoUpdate(WeightOptimizer):
 
     name = "none"
 
-    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], apply: bool = True) -> WeightStep:
+    def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], apply: bool = True,
+             adapter: torch.Tensor | None = None) -> WeightStep:
         return WeightStep(method=self.name, applied=False, reason="weights step disabled",
                           num_responses=len(self._select(responses)))

@@ -1,0 +1,317 @@
+"""The batching engine: many conversations' model work in one pass, each row with its own LoRA adapter.
+
+Two batched passes over a :class:`~rosa2_dspy.local_lm.LoRAPolicy`, both built on
+:class:`~rosa2_dspy.multi_lora.MultiLoRA` (one base-model pass plus a per-row low-rank term):
+
+* :func:`generate_rows` — left-padded prompts, attention mask, a KV cache; greedy or sampled, with a
+  per-row token budget. Rows finish independently: a finished row is dropped from the batch (and from
+  the cache), so it stops costing compute.
+* :func:`score_rows` — ``log pi(y | x)`` of (prompt, response) rows, right-padded (so every real token
+  sees exactly what it would alone), and, on request, every row's gradient with respect to its own
+  adapter copy: one forward and one backward give all per-sample gradients.
+
+:class:`Batcher` coalesces concurrent requests (threads, or asyncio through threads) into those
+passes: one worker thread takes the first request, waits up to ``wait_ms`` for more of the same kind
+(up to ``max_batch`` rows, ``max_score_tokens`` tokens for scoring), runs one pass and hands each caller
+its rows. A request that arrives while a pass runs joins the next one. If a batched pass fails, each
+request is rerun alone, so one bad request fails only its own caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from rosa2_dspy.local_lm import LoRAPolicy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRow:
+    """One prompt to answer: token ids, the adapter to answer under, and how to decode."""
+
+    prompt: list[int]
+    adapter: torch.Tensor
+    max_new_tokens: int = 256
+    temperature: float | None = 0.0
+    top_p: float | None = None
+    seed: int | None = None
+
+    @property
+    def sample(self) -> bool:
+        return bool(self.temperature) and self.temperature > 0
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    finish_reason: str  # "stop" (end-of-turn) or "length"
+
+
+def score_width(rows: Sequence["ScoreRow"]) -> int:
+    """The padded length of a scoring pass over ``rows``."""
+    return max(r.length for r in rows)
+
+
+@dataclass
+class ScoreRow:
+    """One response to score: prompt ids, response ids (end-of-turn included), the adapter."""
+
+    prompt: list[int]
+    response: list[int]
+    adapter: torch.Tensor
+    with_grad: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.response)
+
+
+@dataclass
+class Score:
+    """``log pi(y | x)`` summed over the response's tokens, their number, and (optionally) the gradient
+    of that sum with respect to the row's adapter, as a flat float32 CPU vector."""
+
+    total: float
+    num_tokens: int
+    grad: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _stack_adapters(rows: Sequence[Any], device: torch.device) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(r.adapter, dtype=torch.float32) for r in rows]).to(device)
+
+
+def _next_tokens(logits: torch.Tensor, rows: Sequence[GenerationRow], generators: list) -> torch.Tensor:
+    """Greedy for every row at once; sampled rows (temperature > 0) draw from their own generator."""
+    tokens = logits.argmax(dim=-1)
+    for j, row in enumerate(rows):  # only sampled rows; greedy decoding never enters this loop's body
+        if not row.sample:
+            continue
+        probs = torch.softmax(logits[j].float() / row.temperature, dim=-1)
+        if row.top_p is not None and row.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(-1) - sorted_probs < row.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        tokens[j] = torch.multinomial(probs.cpu(), 1, generator=generators[j])[0]
+    return tokens
+
+
+def _cache_keyword(model: Any) -> str:
+    """transformers >= 5.2x calls the KV cache argument ``cache``; earlier releases ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def generate_rows(policy: "LoRAPolicy", rows: Sequence[GenerationRow]) -> list[Generation]:
+    """Answer every row in one batched decode; row ``i`` runs under its own adapter ``rows[i].adapter``."""
+    from transformers import DynamicCache
+
+    model, device = policy.causal_lm, policy.device
+    eos, pad = policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
+    n, width = len(rows), max(len(r.prompt) for r in rows)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, row in enumerate(rows):  # left padding: every prompt ends at the same column
+        ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
+        mask[i, width - len(row.prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = []
+    for row in rows:
+        g = torch.Generator()
+        if row.sample:
+            g.manual_seed(row.seed if row.seed is not None else int(torch.randint(2**31, ()).item()))
+        generators.append(g)
+    outputs: list[list[int]] = [[] for _ in rows]
+    finish = ["length"] * n
+    alive = list(range(n))  # original index of each row still in the batch
+    cache = DynamicCache(config=model.config)
+    cache_kw = _cache_keyword(model)
+    with policy.multi_lora.active(_stack_adapters(rows, device)):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+        next_position = positions[:, -1:] + 1
+        while True:
+            tokens = _next_tokens(logits, [rows[i] for i in alive], [generators[i] for i in alive])
+            keep = []
+            for j, (i, token) in enumerate(zip(alive, tokens.tolist())):
+                outputs[i].append(token)
+                if token == eos:
+                    finish[i] = "stop"
+                elif len(outputs[i]) < rows[i].max_new_tokens:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(alive):  # drop finished rows from the batch, the cache and the adapters
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                policy.multi_lora.select(index)
+                mask, next_position, tokens = mask[index], next_position[index], tokens[index]
+                alive = [alive[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            logits = model(input_ids=tokens[:, None].to(device), attention_mask=mask, position_ids=next_position,
+                           use_cache=True, **{cache_kw: cache}).logits[:, -1]
+            next_position = next_position + 1
+    return [Generation(tokens, reason) for tokens, reason in zip(outputs, finish)]
+
+
+def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[Score]:
+    """``log pi(y | x)`` of every row in one right-padded forward, and per-row gradients in one backward."""
+    model, device = policy.causal_lm, policy.device
+    with_grad = any(r.with_grad for r in rows)
+    n, width = len(rows), score_width(rows)
+    ids = torch.full((n, width), policy.tokenizer.pad_token_id, dtype=torch.long)
+    row_index, position, owner = [], [], []
+    for i, row in enumerate(rows):
+        ids[i, : row.length] = torch.tensor(row.prompt + row.response)
+        start = len(row.prompt)
+        position.extend(range(start - 1, row.length - 1))  # the hidden state that predicts each response token
+        row_index.extend([i] * len(row.response))
+    owner_t = torch.tensor(row_index, device=device)
+    targets = ids[row_index, [p + 1 for p in position]].to(device)
+    ids = ids.to(device)
+    adapters = _stack_adapters(rows, device).requires_grad_(with_grad)
+    with torch.set_grad_enabled(with_grad), policy.multi_lora.active(adapters):
+        # Right padding and a causal mask: real tokens never see the padding, so no attention mask is needed.
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[owner_t, torch.tensor(position, device=device)]
+        logits = model.get_output_embeddings()(hidden)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision softmax loses too much
+            logits = logits.float()
+        token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+        totals = torch.zeros(n, dtype=token_logprobs.dtype, device=device).index_add(0, owner_t, token_logprobs)
+        grads = torch.autograd.grad(totals.sum(), adapters)[0].float().cpu() if with_grad else None
+    return [
+        Score(float(totals[i].detach()), len(row.response), grads[i].clone() if grads is not None and row.with_grad else None)
+        for i, row in enumerate(rows)
+    ]
+
+
+@dataclass
+class _Job:
+    kind: str  # "generate" or "score"
+    rows: list
+    future: Future
+
+
+class Batcher:
+    """Coalesces concurrent generation and scoring requests into batched passes on one worker thread.
+
+    Args:
+        policy: the model every pass runs on.
+        max_batch: most rows in one generation pass (and one scoring pass).
+        wait_ms: how long the first request of a pass waits for others to join it. A lone request pays
+            at most this.
+        max_score_tokens: most tokens (rows × padded length) in one scoring pass; bounds the memory a
+            backward pass needs. A single longer row still runs, alone.
+    """
+
+    def __init__(self, policy: "LoRAPolicy", max_batch: int = 16, wait_ms: float = 5.0,
+                 max_score_tokens: int = 8192) -> None:
+        if max_batch < 1 or wait_ms < 0 or max_score_tokens < 1:
+            raise ValueError("max_batch and max_score_tokens must be >= 1 and wait_ms >= 0.")
+        self.policy = policy
+        self.max_batch = max_batch
+        self.wait_ms = wait_ms
+        self.max_score_tokens = max_score_tokens
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.passes: dict[str, int] = {"generate": 0, "score": 0}  # how many batched passes ran (for benchmarks)
+        self.rows: dict[str, int] = {"generate": 0, "score": 0}
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[Generation]:
+        return self._submit("generate", list(rows))
+
+    def score(self, rows: Sequence[ScoreRow]) -> list[Score]:
+        return self._submit("score", list(rows))
+
+    def _submit(self, kind: str, rows: list) -> list:
+        if not rows:
+            return []
+        if threading.current_thread() is self._worker:  # a pass that needs another pass: run it inline
+            return self._run(kind, rows)
+        jobs = [_Job(kind, chunk, Future()) for chunk in self._chunks(kind, rows)]
+        for job in jobs:
+            self._queue.put(job)
+        self._ensure_worker()
+        return [result for job in jobs for result in job.future.result()]
+
+    def _chunks(self, kind: str, rows: list) -> list[list]:
+        """Split one request into passes of at most ``max_batch`` rows (and ``max_score_tokens``)."""
+        if kind == "generate":
+            return [rows[i : i + self.max_batch] for i in range(0, len(rows), self.max_batch)]
+        width = score_width(rows)
+        per_pass = max(1, min(self.max_batch, self.max_score_tokens // width))
+        return [rows[i : i + per_pass] for i in range(0, len(rows), per_pass)]
+
+    def _ensure_worker(self) -> None:
+        with self._start_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._loop, name="rosa2-batcher", daemon=True)
+                self._worker.start()
+
+    def _fits(self, batch: list[_Job], job: _Job) -> bool:
+        rows = sum(len(j.rows) for j in batch) + len(job.rows)
+        if job.kind != batch[0].kind or rows > self.max_batch:
+            return False
+        if job.kind == "score":  # within the token budget of one backward pass
+            width = max(score_width(job.rows), *(score_width(j.rows) for j in batch))
+            return width * rows <= self.max_score_tokens
+        return True
+
+    def _loop(self) -> None:
+        held: list[_Job] = []  # taken from the queue but not fitting the previous pass
+        while True:
+            batch = [held.pop(0) if held else self._queue.get()]
+            deadline = time.monotonic() + self.wait_ms / 1000
+            while not held:
+                try:
+                    job = self._queue.get(timeout=max(deadline - time.monotonic(), 0)) \
+                        if time.monotonic() < deadline else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if self._fits(batch, job):
+                    batch.append(job)
+                else:
+                    held.append(job)
+            while held and self._fits(batch, held[0]):
+                batch.append(held.pop(0))
+            self._run_jobs(batch)
+
+    def _run_jobs(self, batch: list[_Job]) -> None:
+        rows = [r for job in batch for r in job.rows]
+        try:
+            results = self._run(batch[0].kind, rows)
+        except Exception as err:  # isolate the failure: rerun each request alone
+            if len(batch) == 1:
+                batch[0].future.set_exception(err)
+                return
+            logger.warning("A batched %s pass failed (%s); rerunning its %d requests one by one.",
+                           batch[0].kind, err, len(batch))
+            for job in batch:
+                self._run_jobs([job])
+            return
+        offset = 0
+        for job in batch:
+            job.future.set_result(results[offset : offset + len(job.rows)])
+            offset += len(job.rows)
+
+    def _run(self, kind: str, rows: list) -> list:
+        run: Callable = generate_rows if kind == "generate" else score_rows
+        with self.policy.lock:
+            results = run(self.policy, rows)
+        self.passes[kind] += 1
+        self.rows[kind] += len(rows)
+        return results

@@ -1,0 +1,187 @@
+"""Sessions: one conversation's state, and which conversation a call belongs to.
+
+A :class:`Session` holds what one conversation has adapted: the instruction of each predictor, the
+adapter vector, the turns so far. The model is shared; a session's adapter is never written into it,
+it travels with the session's calls (``lm_scope``), so any number of sessions run at once.
+
+Which session a call runs in belongs to the *call*, not to the ROSA2 instance: the session named by
+the innermost ``with store.use(session_id):`` of the calling thread or asyncio task (a context
+variable), else the store's default session — the single-user convenience: ``rosa2(...)`` then
+``rosa2.adapt(...)`` in a notebook. Concurrent users name their session, or let ``interact()`` open one.
+
+Example:
+    >>> store = SessionStore(lambda: ({"predict": "Answer."}, None))
+    >>> sid = store.start()
+    >>> with store.use(sid):
+    ...     store.current().session_id == sid
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rosa2_dspy.records import TurnRecord
+
+
+@dataclass
+class Call:
+    """One predictor call inside a turn, as DSPy's trace records it, with the LM's raw completion."""
+
+    predictor: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    completion: str | None = None
+
+
+@dataclass
+class Turn:
+    inputs: dict[str, Any]
+    calls: list[Call]
+    record: TurnRecord
+
+
+@dataclass
+class Session:
+    """One conversation's state: instructions per predictor, adapter vector, turns so far.
+
+    ``lock`` serialises the turns of this one conversation; different sessions never wait for each other.
+    """
+
+    session_id: str
+    instructions: dict[str, str]
+    adapter: torch.Tensor | None
+    turns: list[Turn] = field(default_factory=list)
+    pending: Turn | None = None
+    axis: str = "words"  # switch mode: the axis being moved
+    stall: int = 0
+    best_reward: float = -1.0
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @property
+    def history(self) -> list[TurnRecord]:
+        return [t.record for t in self.turns]
+
+    def __deepcopy__(self, memo: dict) -> "Session":
+        with self.lock:
+            return Session(self.session_id, copy.deepcopy(self.instructions, memo), _clone(self.adapter),
+                           copy.deepcopy(self.turns, memo), copy.deepcopy(self.pending, memo), self.axis,
+                           self.stall, self.best_reward)
+
+
+class SessionStore:
+    """The sessions of one ROSA2 module, safe to use from many threads and tasks at once.
+
+    Args:
+        fresh: returns the starting ``(instructions, adapter)`` of a new conversation.
+    """
+
+    def __init__(self, fresh: Callable[[], tuple[dict[str, str], torch.Tensor | None]]) -> None:
+        self._fresh = fresh
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.RLock()
+        self._context: ContextVar[str | None] = ContextVar(f"rosa2_session_{id(self)}", default=None)
+        self.default_id: str | None = None
+
+    def __deepcopy__(self, memo: dict) -> "SessionStore":
+        clone = SessionStore(copy.deepcopy(self._fresh, memo))
+        with self._lock:
+            clone._sessions = {sid: copy.deepcopy(s, memo) for sid, s in self._sessions.items()}
+            clone.default_id = self.default_id
+        return clone
+
+    # -- reading
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
+    def snapshot(self) -> dict[str, Session]:
+        with self._lock:
+            return dict(self._sessions)
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            if session_id not in self._sessions:
+                raise KeyError(f"No session {session_id!r}; known: {sorted(self._sessions)}.")
+            return self._sessions[session_id]
+
+    def current_id(self) -> str | None:
+        """The calling context's session: the innermost ``use()``, else the default session."""
+        return self._context.get() or self.default_id
+
+    def current(self) -> Session:
+        """The calling context's session; a default session is started on first use."""
+        session_id = self.current_id()
+        if session_id is None:
+            with self._lock:
+                if self.default_id is None:
+                    self.default_id = self.start(make_default=True)
+                session_id = self.default_id
+        return self.get(session_id)
+
+    # -- changing
+    def start(self, session_id: str | None = None, carry_over_from: str | None = None,
+              make_default: bool = False) -> str:
+        """A new conversation: fresh instructions and adapter, or, with ``carry_over_from``, a copy of
+        that session's. It becomes the default session when ``make_default`` or when none is set."""
+        with self._lock:
+            session_id = session_id or uuid.uuid4().hex[:12]
+            if session_id in self._sessions:
+                raise ValueError(f"Session {session_id!r} exists; use use_session() or reset_session().")
+            if carry_over_from is not None:
+                source = self.get(carry_over_from)
+                with source.lock:
+                    instructions, adapter = dict(source.instructions), _clone(source.adapter)
+            else:
+                instructions, adapter = self._fresh()
+            self._sessions[session_id] = Session(session_id, instructions, adapter)
+            if make_default:
+                self.default_id = session_id
+            return session_id
+
+    def reset(self, session_id: str) -> None:
+        """Back to fresh instructions and adapter; the turns are forgotten."""
+        with self._lock:
+            old = self.get(session_id)
+            instructions, adapter = self._fresh()
+            self._sessions[session_id] = Session(old.session_id, instructions, adapter)
+
+    def end(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+            if self.default_id == session_id:
+                self.default_id = None
+
+    def replace_all(self, sessions: dict[str, Session], default_id: str | None) -> None:
+        with self._lock:
+            self._sessions = dict(sessions)
+            self.default_id = default_id
+
+    @contextlib.contextmanager
+    def use(self, session_id: str) -> Iterator[Session]:
+        """Within this block, this thread's or task's calls run in ``session_id``."""
+        session = self.get(session_id)
+        token = self._context.set(session_id)
+        try:
+            yield session
+        finally:
+            self._context.reset(token)
+
+
+def _clone(vector: torch.Tensor | None) -> torch.Tensor | None:
+    return None if vector is None else vector.clone()
