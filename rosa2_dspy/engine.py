@@ -58,9 +58,18 @@ class Generation:
     finish_reason: str  # "stop" (end-of-turn) or "length"
 
 
+SCORE_BUCKET = 64  # scoring rows are right-padded to a multiple of this many tokens
+
+
 def score_width(rows: Sequence["ScoreRow"]) -> int:
-    """The padded length of a scoring pass over ``rows``."""
-    return max(r.length for r in rows)
+    """The padded length of a scoring pass over ``rows``: the longest row, rounded up to SCORE_BUCKET.
+
+    A pass only joins requests of equal width, so a conversation's rows are computed with the same
+    shapes whether they run alone or beside other conversations' rows: with a fixed number of torch
+    threads, batching does not change a single bit of a conversation's log-probs or gradients.
+    """
+    longest = max(r.length for r in rows)
+    return -(-longest // SCORE_BUCKET) * SCORE_BUCKET
 
 
 @dataclass
@@ -266,9 +275,9 @@ class Batcher:
         rows = sum(len(j.rows) for j in batch) + len(job.rows)
         if job.kind != batch[0].kind or rows > self.max_batch:
             return False
-        if job.kind == "score":  # within the token budget of one backward pass
-            width = max(score_width(job.rows), *(score_width(j.rows) for j in batch))
-            return width * rows <= self.max_score_tokens
+        if job.kind == "score":  # equal widths only (see score_width), within one backward pass's budget
+            width = score_width(job.rows)
+            return width == score_width(batch[0].rows) and width * rows <= self.max_score_tokens
         return True
 
     def _loop(self) -> None:

@@ -1,0 +1,262 @@
+"""Many conversations at once on one instance: each concurrent run is compared with the sequential run.
+
+Tiny in-process model, greedy decoding; the refiner is DSPy's DummyLM (the textual side only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import pytest
+import torch
+from dspy.utils.dummies import DummyLM
+
+from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
+from rosa2_dspy.rosa2 import ROSA2
+from rosa2_dspy.weights import ROSAStep, ScoredResponse
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Bit-for-bit comparisons need a fixed split of float sums: torch's intra-op threads split a matmul
+    differently for different batch shapes (last-bit differences), one thread never does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+QUESTIONS = ["What is 2+3?", "Name a red fruit.", "Spell cat backwards.", "How many legs has a spider?"]
+EXAMPLES = [dspy.Example(question=q, answer=str(i)).with_inputs("question") for i, q in enumerate(QUESTIONS)]
+
+
+def adapters(policy, n, scale=0.5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [policy.initial_adapter_vector + scale * torch.randn(policy.num_adapter_parameters, generator=g)
+            for _ in range(n)]
+
+
+def chat(question):
+    return [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]
+
+
+# ---------------------------------------------------------------- the batching engine
+
+def test_batched_generation_with_mixed_adapters_equals_each_row_alone(tiny_policy):
+    vectors = adapters(tiny_policy, 4)
+    rows = [GenerationRow(tiny_policy._prompt_ids(chat(q)), v, max_new_tokens=6 + 3 * i)
+            for i, (q, v) in enumerate(zip(QUESTIONS, vectors))]
+    alone = [generate_rows(tiny_policy, [row])[0] for row in rows]
+    together = generate_rows(tiny_policy, rows)
+    assert [g.tokens for g in together] == [g.tokens for g in alone]
+    assert [g.finish_reason for g in together] == [g.finish_reason for g in alone]
+    assert len({tuple(g.tokens) for g in alone}) == 4  # the adapters really differ per row
+    assert [len(g.tokens) for g in together] == [6, 9, 12, 15]  # each row keeps its own budget
+
+
+def test_engine_decoding_equals_transformers_generate(tiny_policy):
+    vector = adapters(tiny_policy, 1)[0]
+    prompt = tiny_policy._prompt_ids(chat(QUESTIONS[0]))
+    ours = generate_rows(tiny_policy, [GenerationRow(prompt, vector, max_new_tokens=12)])[0].tokens
+    tiny_policy.set_adapter_vector(vector)  # PEFT's own LoRA path
+    ids = torch.tensor([prompt])
+    theirs = tiny_policy.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                        do_sample=False, temperature=None, top_p=None, top_k=None,
+                                        pad_token_id=tiny_policy.tokenizer.pad_token_id,
+                                        eos_token_id=tiny_policy.tokenizer.eos_token_id)
+    assert theirs[0, len(prompt):].tolist() == ours
+
+
+def test_concurrent_threads_are_coalesced_into_one_pass(tiny_policy):
+    vectors = adapters(tiny_policy, 6)
+    alone = [tiny_policy.generate(chat(q), max_new_tokens=8, adapter=v)
+             for q, v in zip(QUESTIONS + QUESTIONS[:2], vectors)]
+    tiny_policy.batcher = Batcher(tiny_policy, max_batch=16, wait_ms=200)
+    barrier = threading.Barrier(6)
+
+    def ask(i):
+        barrier.wait()
+        return tiny_policy.generate(chat((QUESTIONS + QUESTIONS[:2])[i]), max_new_tokens=8, adapter=vectors[i])
+
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(ask, range(6)))
+    assert together == alone
+    assert tiny_policy.batcher.passes["generate"] < 6  # fewer passes than requests: they were batched
+
+
+def test_a_failing_request_fails_alone_and_its_batch_mates_still_answer(tiny_policy):
+    vectors = adapters(tiny_policy, 3)
+    good = [GenerationRow(tiny_policy._prompt_ids(chat(q)), v, max_new_tokens=6) for q, v in zip(QUESTIONS, vectors)]
+    expected = [g.tokens for g in generate_rows(tiny_policy, good)]
+    bad = GenerationRow(tiny_policy._prompt_ids(chat("x")), torch.zeros(7), max_new_tokens=6)  # wrong adapter size
+    batcher = Batcher(tiny_policy, wait_ms=200)
+    barrier = threading.Barrier(4)
+
+    def run(row):
+        barrier.wait()
+        return batcher.generate([row])[0].tokens
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(run, row) for row in [*good, bad]]
+    assert [f.result() for f in futures[:3]] == expected
+    with pytest.raises(ValueError, match="Adapter rows must have shape"):
+        futures[3].result()
+
+
+def test_batched_per_sample_gradients_equal_sequential_ones(tiny_policy):
+    vector = adapters(tiny_policy, 1)[0]
+    pairs = [(chat(q), f"answer number {i}" * (i + 1)) for i, q in enumerate(QUESTIONS)]
+    batched = tiny_policy.logprobs(pairs, with_grad=True, adapter=vector)
+    for (messages, response), lp in zip(pairs, batched):
+        alone = tiny_policy.logprob(messages, response, with_grad=True, adapter=vector)
+        assert lp.num_tokens == alone.num_tokens
+        assert lp.total == pytest.approx(alone.total, rel=1e-6)
+        assert torch.allclose(lp.grad, alone.grad, rtol=1e-5, atol=1e-6 * float(alone.grad.abs().max()))
+    # ... and equal PEFT's own autograd on the same adapter (the per-row path computes the same LoRA).
+    tiny_policy.set_adapter_vector(vector)
+    messages, response = pairs[2]
+    prompt, answer = tiny_policy._prompt_ids(messages), tiny_policy._response_ids(response)
+    ids = torch.tensor([prompt + answer])
+    logits = tiny_policy.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    total = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).sum()
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, tiny_policy._params)])
+    assert torch.allclose(batched[2].grad, grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()))
+
+
+def test_batched_rosa_step_equals_the_sequential_step(tiny_policy, monkeypatch):
+    vector = adapters(tiny_policy, 1)[0]
+    responses = [ScoredResponse(chat(q), f"reply {i}", float(i % 2), "current") for i, q in enumerate(QUESTIONS)]
+    batched = ROSAStep(max_norm=1e6).step(tiny_policy, responses, apply=False, adapter=vector)
+    calls = []
+    one_by_one = tiny_policy.logprobs
+
+    def sequential(pairs, **kwargs):  # today's way: one pass per response
+        calls.append(len(pairs))
+        return [one_by_one([pair], **kwargs)[0] for pair in pairs]
+
+    monkeypatch.setattr(tiny_policy, "logprobs", sequential)
+    alone = ROSAStep(max_norm=1e6).step(tiny_policy, responses, apply=False, adapter=vector)
+    assert calls == [4]
+    assert torch.allclose(batched.delta, alone.delta, rtol=1e-4, atol=1e-5 * float(alone.delta.abs().max()))
+
+
+# ---------------------------------------------------------------- ROSA2: many users, one instance
+
+def wrong(example, prediction, trace=None):
+    return dspy.Prediction(score=0.0, feedback="Wrong: answer with the number only.",
+                           reference={"answer": example.answer})
+
+
+def build(lm, mode="joint"):
+    refiner = DummyLM([{"diagnosis": "Wants a number.", "refined_instruction": "Reply with one number."}] * 100)
+    return ROSA2(dspy.Predict("question -> answer"), lm, wrong, mode=mode, refiner_lm=refiner, max_turns=3,
+                 weights=ROSAStep(beta=0.5, max_norm=5.0))
+
+
+def summary(result, rosa2):
+    session = rosa2.sessions[result.session_id]
+    records = [(r.turn, r.reward, r.outputs, r.instructions, r.refined_instructions, r.delta_norm > 0,
+                r.weights and r.weights["applied"]) for r in result.trajectory]
+    completions = [c.completion for t in session.turns for c in t.calls]
+    return records, completions, session.adapter
+
+
+def assert_same_as_sequential(sequential, concurrent):
+    for (records, completions, adapter), (records_c, completions_c, adapter_c) in zip(sequential, concurrent):
+        assert records_c == records
+        assert completions_c == completions and all(c is not None for c in completions)
+        assert torch.equal(adapter_c, adapter)
+
+
+@pytest.mark.parametrize("mode", ["joint", "static"])
+def test_a_thread_pool_over_interact_on_one_instance_equals_the_sequential_run(tiny_lm, mode):
+    tiny_lm.policy.batcher = Batcher(tiny_lm.policy, wait_ms=50)
+    rosa2 = build(tiny_lm, mode)
+    sequential = [summary(rosa2.interact(e), rosa2) for e in EXAMPLES]
+    passes_before = dict(tiny_lm.policy.batcher.passes)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(rosa2.interact, EXAMPLES))
+    concurrent = [summary(r, rosa2) for r in results]
+    assert_same_as_sequential(sequential, concurrent)
+    assert len({r.session_id for r in results}) == 4
+    generate_passes = tiny_lm.policy.batcher.passes["generate"] - passes_before["generate"]
+    assert generate_passes < 4 * 3  # the four conversations shared passes
+    # the model itself never holds a conversation's adapter
+    assert torch.equal(tiny_lm.policy.adapter_vector(), tiny_lm.policy.initial_adapter_vector)
+
+
+def test_asyncio_over_one_instance_equals_the_sequential_run(tiny_lm):
+    rosa2 = build(tiny_lm)
+    sequential = [summary(rosa2.interact(e), rosa2) for e in EXAMPLES]
+
+    async def all_at_once():
+        return await asyncio.gather(*(rosa2.ainteract(e) for e in EXAMPLES))
+
+    concurrent = [summary(r, rosa2) for r in asyncio.run(all_at_once())]
+    assert_same_as_sequential(sequential, concurrent)
+
+
+def test_acall_and_aadapt_run_in_the_tasks_own_session(tiny_lm):
+    rosa2 = build(tiny_lm)
+
+    async def conversation(sid, question):
+        with rosa2.in_session(sid):
+            first = await rosa2.acall(question=question)
+            record = await rosa2.aadapt("Wrong: answer with the number only.", reference={"answer": "5"})
+            second = await rosa2.acall(question=question)
+            return first, record, second
+
+    ids = [rosa2.store.start() for _ in QUESTIONS]
+
+    async def main():
+        return await asyncio.gather(*(conversation(s, q) for s, q in zip(ids, QUESTIONS)))
+
+    results = asyncio.run(main())
+    for sid, (first, record, second) in zip(ids, results):
+        session = rosa2.sessions[sid]
+        assert [t.record for t in session.turns] == [record] and record.weights["applied"]
+        assert set(session.instructions.values()) == {"Reply with one number."}
+        assert session.pending.record.outputs == dict(second.items())
+    adapters_after = [rosa2.sessions[s].adapter for s in ids]
+    assert all(not torch.equal(a, b) for i, a in enumerate(adapters_after) for b in adapters_after[i + 1:])
+
+
+def test_dspy_parallel_evaluate_and_batch_over_one_session_equal_sequential_calls(tiny_lm):
+    rosa2 = build(tiny_lm)
+    sid = rosa2.start_session()
+    rosa2(question=QUESTIONS[0])
+    rosa2.adapt("Wrong: answer with the number only.", reference={"answer": "5"})  # an adapted session
+    sequential = [rosa2(**e.inputs()).answer for e in EXAMPLES]
+
+    parallel = dspy.Parallel(num_threads=4)([(rosa2, e) for e in EXAMPLES])
+    batched = rosa2.batch(EXAMPLES, num_threads=4)
+    scores = []
+
+    def metric(example, prediction, trace=None):
+        scores.append((example.question, prediction.answer))
+        return 1.0
+
+    dspy.Evaluate(devset=EXAMPLES, metric=metric, num_threads=4, display_progress=False)(rosa2)
+    assert [p.answer for p in parallel] == sequential
+    assert [p.answer for p in batched] == sequential
+    assert sorted(scores) == sorted(zip(QUESTIONS, sequential))
+    assert len(rosa2.sessions[sid].turns) == 1  # reading a session does not change it
+
+
+def test_a_failing_conversation_leaves_the_others_untouched(tiny_lm):
+    def picky(example, prediction, trace=None):
+        if example.question == QUESTIONS[1]:
+            raise RuntimeError("feedback source crashed")
+        return wrong(example, prediction, trace)
+
+    rosa2 = build(tiny_lm)
+    sequential = {e.question: summary(rosa2.interact(e), rosa2) for e in EXAMPLES if e.question != QUESTIONS[1]}
+    rosa2.feedback_fn = picky
+    with ThreadPoolExecutor(4) as pool:
+        futures = {e.question: pool.submit(rosa2.interact, e) for e in EXAMPLES}
+    with pytest.raises(RuntimeError, match="feedback source crashed"):
+        futures[QUESTIONS[1]].result()
+    concurrent = {q: summary(f.result(), rosa2) for q, f in futures.items() if q != QUESTIONS[1]}
+    assert_same_as_sequential([sequential[q] for q in sequential], [concurrent[q] for q in sequential])
