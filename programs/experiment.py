@@ -11,7 +11,7 @@ and ``results/<name>.png`` (accuracy over turns, like the paper's Figure 2a).
 Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by name, not code::
 
     {"name": "...", "task": "intent", "limit": 8, "spread": false, "program": "predict", "modes": [...],
-     "max_turns": 4,
+     "max_turns": 4, "concurrency": 8,
      "actor": {"model": "embedded", "device": "cpu", "dtype": "float32", "max_tokens": 64,
                "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
      "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 96},
@@ -21,6 +21,12 @@ Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by
 ``actor.model`` is ``"embedded"``, a checkpoint folder or a hub id (a :class:`LocalLM`), or a litellm
 model string prefixed ``"litellm:"`` for a served actor (then only ``static`` and ``prompt-only`` run).
 ``refiner.lm`` is ``"actor"`` or any litellm model string.
+
+``concurrency`` (default 8; ``--concurrency``) is how many conversations run at once: every (mode, task)
+interaction is a call of ``ROSA2.interact`` on a thread pool, the way a user serves many users from one
+instance, so a local actor batches them. Each interaction starts from θ0 and the original words in a
+session of its own, so the records equal the sequential run's (``--concurrency 1``) up to the last bits
+of batched float sums (see ``programs.bench_sessions``, which measures both).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import logging
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +97,16 @@ def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
     }
 
 
-def run_experiment(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Run every configured mode; returns {"config", "summaries", "theorem_4_1", "trajectories"}."""
-    task = config.get("task", "intent")
-    examples = load_task(task, limit=config.get("limit"), spread=config.get("spread", False))
-    actor = build_actor(config.get("actor", {}))
+def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[str, ROSA2]:
+    """One ROSA2 instance per mode, all on the same actor (so their model work shares batched passes)."""
     served = not isinstance(actor, LocalLM)
     modes = config.get("modes", list(SERVED_MODES if served else MODES))
     if served and set(modes) - set(SERVED_MODES):
         raise ValueError(f"A served actor cannot update weights; use modes from {SERVED_MODES}, got {modes}.")
     refiner_lm = build_refiner(config.get("refiner", {}), actor)
     feedback = feedback_for(task, **config.get("feedback", {}))
-    max_turns = config.get("max_turns", 4)
-    summaries, trajectories, theorem = {}, {}, {}
-    for mode in modes:
-        rosa2 = ROSA2(
+    return {
+        mode: ROSA2(
             PROGRAMS[config.get("program", "predict")](signature_for(task)),
             actor,
             feedback,
@@ -112,21 +114,48 @@ def run_experiment(config: dict[str, Any], progress: bool = True) -> dict[str, A
             refiner_lm=refiner_lm,
             refiner_fallback=config.get("refiner", {}).get("fallback", "keep"),
             weights=ROSAStep(**config.get("weights", {})),
-            max_turns=max_turns,
+            max_turns=config.get("max_turns", 4),
             switch_patience=config.get("switch_patience", 1),
             compare_words=(mode == "joint"),
         )
-        runs = []
-        start = time.perf_counter()
-        for example in tqdm(examples, desc=f"{mode:>11}", disable=not progress):
-            result = rosa2.interact(example)
-            runs.append(result.trajectory)
-            rosa2.end_session(result.session_id)  # every interaction starts from θ0 and the original words
-        summaries[mode] = {**summarize(runs, max_turns), "wall_seconds": time.perf_counter() - start}
+        for mode in modes
+    }
+
+
+def run_experiment(config: dict[str, Any], progress: bool = True, actor: dspy.BaseLM | None = None) -> dict[str, Any]:
+    """Run every configured mode; returns {"config", "summaries", "theorem_4_1", "trajectories", "wall_seconds"}.
+
+    ``actor`` reuses an already loaded actor (benchmarks run one config twice on one model).
+    """
+    task = config.get("task", "intent")
+    examples = load_task(task, limit=config.get("limit"), spread=config.get("spread", False))
+    actor = actor or build_actor(config.get("actor", {}))
+    modules = build_modes(config, actor, task)
+    max_turns = config.get("max_turns", 4)
+    jobs = [(mode, i) for mode in modules for i in range(len(examples))]
+    results: dict[tuple[str, int], Any] = {}
+
+    def converse(job: tuple[str, int]) -> None:
+        mode, i = job
+        result = modules[mode].interact(examples[i])
+        modules[mode].end_session(result.session_id)  # every interaction starts from θ0 and the original words
+        results[job] = result
+
+    start = time.perf_counter()
+    with tqdm(total=len(jobs), desc="conversations", disable=not progress) as bar, \
+            ThreadPoolExecutor(max(1, int(config.get("concurrency", 8)))) as pool:
+        for _ in pool.map(converse, jobs):
+            bar.update()
+    wall = time.perf_counter() - start
+    summaries, trajectories, theorem = {}, {}, {}
+    for mode in modules:
+        runs = [results[(mode, i)].trajectory for i in range(len(examples))]
+        summaries[mode] = summarize(runs, max_turns)
         trajectories[mode] = [[r.to_dict() for r in t] for t in runs]
         if mode == "joint":
             theorem = theorem_41(runs)
-    return {"config": config, "summaries": summaries, "theorem_4_1": theorem, "trajectories": trajectories}
+    return {"config": config, "summaries": summaries, "theorem_4_1": theorem, "trajectories": trajectories,
+            "wall_seconds": wall}
 
 
 def table_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -192,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="override the number of tasks")
     parser.add_argument("--modes", default=None, help="comma-separated subset of modes")
     parser.add_argument("--max-turns", type=int, default=None)
+    parser.add_argument("--concurrency", type=int, default=None, help="conversations at once (1: sequential)")
     parser.add_argument("--name", default=None, help="results file name (default: the config's name)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
@@ -201,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         config["modes"] = args.modes.split(",")
     if args.max_turns is not None:
         config["max_turns"] = args.max_turns
+    if args.concurrency is not None:
+        config["concurrency"] = args.concurrency
     results = run_experiment(config)
     report(results, args.name or config.get("name", "experiment"))
 

@@ -23,7 +23,17 @@ def machine_facts() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "packages": {name: _version(name) for name in ("transformers", "peft", "dspy", "litellm", "numpy")},
     }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -54,3 +54,22 @@ def test_a_served_actor_config_refuses_weight_modes():
 def test_unknown_config_names_the_known_ones():
     with pytest.raises(FileNotFoundError, match="default"):
         experiment.load_config("no-such-config")
+
+
+def test_concurrent_run_gives_the_sequential_run_records(tiny_model_dir):
+    config = {
+        "task": "intent", "limit": 3, "spread": True, "max_turns": 2, "modes": ["prompt-only", "joint"],
+        "actor": {"model": str(tiny_model_dir), "max_tokens": 8, "lora": {"rank": 4, "alpha": 8}},
+        "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 8},
+        "weights": {"beta": 0.05, "max_norm": 2.0},
+    }
+    sequential = experiment.run_experiment({**config, "concurrency": 1}, progress=False)
+    concurrent = experiment.run_experiment({**config, "concurrency": 6}, progress=False)
+
+    def view(results):
+        return {mode: [[(r["turn"], r["outputs"], r["reward"], r["instructions"], r["refined_instructions"],
+                         round(r["delta_norm"], 4)) for r in t] for t in runs]
+                for mode, runs in results["trajectories"].items()}
+
+    assert view(concurrent) == view(sequential)
+    assert any(r["delta_norm"] > 0 for t in concurrent["trajectories"]["joint"] for r in t)

@@ -1,0 +1,209 @@
+"""Benchmark: many conversations at once on one model (the batching engine, the batched weights step).
+
+Every figure is a ratio measured in one run on one machine, with the embedded model unless ``--model``:
+
+* ``speedup_N`` — aggregate greedy tokens/s of N concurrent conversations (threads), each under its own
+  different, non-zero LoRA adapter, over one conversation alone; N = 1, 2, 4, 8, 16. Also the cost of
+  LocalLM's path for a lone request against plain ``transformers`` ``generate`` (same adapter).
+* ``weights_step_speedup`` — one ROSA step over 4 responses: batched (one forward + one backward for
+  all per-response gradients) vs one pass per response, and the largest relative difference of the two Δθ.
+* ``main_job_speedup`` — the main job's config (``programs/configs/default.json``) run with
+  ``concurrency`` 8 over the same run with ``concurrency`` 1, with ``identical_share``: the share of turns
+  whose answers are identical in both; and ``adapt_over_generate`` — in the sequential joint-mode run,
+  the per-turn seconds of words + weights over the per-turn seconds of generation.
+  The concurrent run is exactly ``make run``; its results are also written as the main job's
+  (``results/<config name>.json`` and plot), so the two are one measurement.
+
+Parts run in order and each is saved as soon as it finishes (``--parts generation,weights,main``;
+``results/bench_sessions.json`` keeps earlier parts), so an interrupted run loses at most one part.
+Run: ``python -m programs.bench_sessions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from typing import Any
+
+import dspy
+import torch
+
+from programs import experiment
+from programs.reporting import RESULTS_DIR, format_table, machine_facts
+from programs.tasks import load_task
+from rosa2_dspy.adapter import LenientChatAdapter
+from rosa2_dspy.local_lm import LocalLM, LoRAPolicy
+from rosa2_dspy.weights import ROSAStep, ScoredResponse
+
+NAME = "bench_sessions"
+STORIES = ["a robot", "the sea", "a lost key", "a small town", "an old clock", "a red kite", "winter", "a library"]
+
+
+def distinct_adapters(policy: LoRAPolicy, n: int, scale: float = 0.02) -> list[torch.Tensor]:
+    """n different, non-zero adapters: the initial one plus small seeded noise (B is no longer zero)."""
+    g = torch.Generator().manual_seed(0)
+    return [policy.initial_adapter_vector + scale * torch.randn(policy.num_adapter_parameters, generator=g)
+            for _ in range(n)]
+
+
+def story(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Write a long story about {STORIES[i % len(STORIES)]}."}]
+
+
+def concurrent_tokens_per_second(policy: LoRAPolicy, adapters: list[torch.Tensor], max_new_tokens: int) -> dict:
+    n = len(adapters)
+    counts = [0] * n
+    barrier = threading.Barrier(n + 1)
+
+    def converse(i: int) -> None:
+        barrier.wait()
+        counts[i] = policy.generate(story(i), max_new_tokens=max_new_tokens, adapter=adapters[i])[2]
+
+    threads = [threading.Thread(target=converse, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    passes = policy.batcher.passes["generate"]
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    return {"conversations": n, "tokens": sum(counts), "seconds": seconds, "tokens_per_s": sum(counts) / seconds,
+            "passes": policy.batcher.passes["generate"] - passes}
+
+
+def bench_generation(policy: LoRAPolicy, max_new_tokens: int) -> dict[str, Any]:
+    adapters = distinct_adapters(policy, 16)
+    concurrent_tokens_per_second(policy, adapters[:2], 8)  # warm-up
+    rows = []
+    for n in (1, 2, 4, 8, 16):
+        runs = [concurrent_tokens_per_second(policy, adapters[:n], max_new_tokens) for _ in range(2)]
+        rows.append(max(runs, key=lambda r: r["tokens_per_s"]))
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / base
+    # A lone request: LocalLM's path (batcher, per-row LoRA, own decode loop) vs transformers' generate.
+    policy.set_adapter_vector(adapters[0])
+    ids = torch.tensor([policy._prompt_ids(story(0))])
+    start = time.perf_counter()
+    out = policy.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, temperature=None, top_p=None, top_k=None,
+                                pad_token_id=policy.tokenizer.pad_token_id, eos_token_id=policy.tokenizer.eos_token_id)
+    plain = (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+    policy.reset_adapter()
+    return {"rows": rows, **{f"speedup_{r['conversations']}": r["speedup"] for r in rows},
+            "lone_request_tokens_per_s": base, "transformers_generate_tokens_per_s": plain,
+            "lone_over_transformers": base / plain, "wait_ms": policy.batcher.wait_ms,
+            "max_batch": policy.batcher.max_batch, "max_new_tokens": max_new_tokens}
+
+
+def step_responses(policy: LoRAPolicy, question: str, gold: str) -> list[ScoredResponse]:
+    """Four responses to one DSPy prompt: the reference and three of the model's own answers."""
+    adapter = LenientChatAdapter()
+    signature = dspy.Signature("question -> answer")
+    messages = adapter.format(signature, demos=[], inputs={"question": question})
+    own = [policy.generate(messages, max_new_tokens=48, adapter=v)[0] for v in distinct_adapters(policy, 3, 0.05)]
+    reference = adapter.format_assistant_message_content(signature, {"answer": gold})
+    return [ScoredResponse(messages, reference, 1.0, "reference")] + [
+        ScoredResponse(messages, text, 0.0, "history" if i else "current") for i, text in enumerate(own)]
+
+
+def bench_weights(policy: LoRAPolicy) -> dict[str, Any]:
+    rows = []
+    batched_logprobs = policy.logprobs
+
+    def one_pass_per_response(pairs, **kwargs):
+        return [batched_logprobs([pair], **kwargs)[0] for pair in pairs]
+
+    for example in load_task("intent", limit=3, spread=True):
+        responses = step_responses(policy, example.question, example.answer)
+        adapter = policy.initial_adapter_vector
+        ROSAStep(measure_after=False).step(policy, responses, apply=False, adapter=adapter)  # warm-up
+        timings = {}
+        for label in ("batched", "sequential"):
+            policy.logprobs = batched_logprobs if label == "batched" else one_pass_per_response
+            best = None
+            for _ in range(2):
+                step = ROSAStep(measure_after=False).step(policy, responses, apply=False, adapter=adapter)
+                best = step if best is None or step.seconds < best.seconds else best
+            timings[label] = best
+        policy.logprobs = batched_logprobs
+        a, b = timings["batched"].delta, timings["sequential"].delta
+        rows.append({
+            "question": example.question[:40],
+            "tokens": sum(len(policy._prompt_ids(r.messages)) + len(policy._response_ids(r.completion))
+                          for r in responses),
+            "batched s": timings["batched"].seconds,
+            "sequential s": timings["sequential"].seconds,
+            "speedup": timings["sequential"].seconds / timings["batched"].seconds,
+            "max relative Δθ difference": float((a - b).abs().max() / b.abs().max()),
+        })
+    return {"rows": rows, "weights_step_speedup": statistics.median(r["speedup"] for r in rows),
+            "max_relative_delta_difference": max(r["max relative Δθ difference"] for r in rows),
+            "responses_per_step": 4}
+
+
+def bench_main_job(actor: LocalLM, config_name: str) -> dict[str, Any]:
+    config = experiment.load_config(config_name)
+    runs = {}
+    for concurrency in (1, 8):
+        print(f"main job ({config_name}) with concurrency {concurrency} ...", flush=True)
+        runs[concurrency] = experiment.run_experiment({**config, "concurrency": concurrency}, actor=actor)
+    sequential, concurrent = runs[1], runs[8]
+    same = total = 0
+    for mode, tasks in sequential["trajectories"].items():
+        for seq_task, con_task in zip(tasks, concurrent["trajectories"][mode]):
+            for seq_turn, con_turn in zip(seq_task, con_task):
+                total += 1
+                same += seq_turn["outputs"] == con_turn["outputs"]
+            total += abs(len(seq_task) - len(con_task))
+    phases = {k: v["seconds_per_turn"] for k, v in sequential["summaries"].items()}
+    joint = phases.get("joint", {})
+    experiment.report(concurrent, config.get("name", "experiment"))  # the same run is the main job's result
+    return {
+        "config": config_name,
+        "sequential_wall_s": sequential["wall_seconds"],
+        "concurrent_wall_s": concurrent["wall_seconds"],
+        "main_job_speedup": sequential["wall_seconds"] / concurrent["wall_seconds"],
+        "identical_share": same / total if total else None,
+        "turns_compared": total,
+        "adapt_over_generate": (joint["words"] + joint["weights"]) / joint["generate"] if joint else None,
+        "joint_seconds_per_turn_sequential": joint,
+        "joint_seconds_per_turn_concurrent": concurrent["summaries"].get("joint", {}).get("seconds_per_turn"),
+        "summaries_sequential": sequential["summaries"],
+        "summaries_concurrent": concurrent["summaries"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--parts", default="generation,weights,main")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--config", default="default", help="the main job's config for the 'main' part")
+    args = parser.parse_args(argv)
+    path = RESULTS_DIR / f"{NAME}.json"
+    payload: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    payload.update({"benchmark": NAME, "model": args.model, "device": args.device, "dtype": args.dtype})
+    actor = LocalLM(args.model, device=args.device, dtype=args.dtype)
+    parts = {"generation": lambda: bench_generation(actor.policy, args.max_new_tokens),
+             "weights": lambda: bench_weights(actor.policy),
+             "main": lambda: bench_main_job(actor, args.config)}
+    for part in args.parts.split(","):
+        result = parts[part]()
+        payload[part] = {**result, "machine": machine_facts()}
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        if "rows" in result:
+            print(format_table(result["rows"]))
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, indent=1))
+        print(f"wrote {path} ({part})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
