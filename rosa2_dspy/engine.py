@@ -58,7 +58,7 @@ class Generation:
     finish_reason: str  # "stop" (end-of-turn) or "length"
 
 
-SCORE_BUCKET = 64  # scoring rows are right-padded to a multiple of this many tokens
+SCORE_BUCKET = 32  # scoring rows are right-padded to a multiple of this many tokens
 
 
 def score_width(rows: Sequence["ScoreRow"]) -> int:
