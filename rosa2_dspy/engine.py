@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -207,6 +207,21 @@ def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[Score]:
     ]
 
 
+class ModelBackend(Protocol):
+    """What ROSA2 asks of a model: batched generation and batched scoring, each row under its own adapter.
+
+    :class:`Batcher` over an in-process :class:`~rosa2_dspy.local_lm.LoRAPolicy` is the one shipped.
+    Beyond one machine, generation would be a multi-LoRA server's job (e.g. vLLM with
+    ``enable_lora``: each session's adapter saved with ``save_pretrained`` after its ROSA step and
+    loaded in place under the session's name, each request naming it) while ``score`` stays on a trainer
+    process holding the same base weights: two classes behind this one interface (README, "Design").
+    """
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[Generation]: ...
+
+    def score(self, rows: Sequence[ScoreRow]) -> list[Score]: ...
+
+
 @dataclass
 class _Job:
     kind: str  # "generate" or "score"
@@ -237,6 +252,7 @@ class Batcher:
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._compute_lock = threading.Lock()
         self.passes: dict[str, int] = {"generate": 0, "score": 0}  # how many batched passes ran (for benchmarks)
         self.rows: dict[str, int] = {"generate": 0, "score": 0}
 
@@ -319,7 +335,7 @@ class Batcher:
 
     def _run(self, kind: str, rows: list) -> list:
         run: Callable = generate_rows if kind == "generate" else score_rows
-        with self.policy.lock:
+        with self._compute_lock:  # MultiLoRA's per-row state belongs to one pass at a time
             results = run(self.policy, rows)
         self.passes[kind] += 1
         self.rows[kind] += len(rows)

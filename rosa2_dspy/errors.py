@@ -17,3 +17,7 @@ class AdapterLoadError(Rosa2Error):
 
 class FeedbackError(Rosa2Error):
     """A feedback source returned something that is not a score plus a feedback text."""
+
+
+class TurnFailedError(Rosa2Error):
+    """The words or weights step failed inside adapt(); the session is as it was and the turn awaits feedback."""

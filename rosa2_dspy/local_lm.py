@@ -162,8 +162,10 @@ class LoRAPolicy:
         self.model.eval()  # no dropout: gradients and greedy answers are deterministic
         self._params = [p for _, p in self._named_adapter_parameters()]
         self._initial = self.adapter_vector()
-        # One model serves every caller; the batcher's worker runs every pass under this lock.
+        # Guards the policy's own adapter (PEFT's parameters: set, read, save). Model passes never read
+        # them (each row brings its adapter), so they run beside these without waiting.
         self.lock = threading.RLock()
+        self._tokenizer_lock = threading.Lock()
         self.multi_lora = MultiLoRA(self.model, self._params)
         self.batcher = Batcher(self)
 
@@ -239,7 +241,7 @@ class LoRAPolicy:
             )
         if not torch.isfinite(vector).all():
             raise ValueError("Refusing to load a non-finite adapter vector; the adapter is unchanged.")
-        with torch.no_grad():
+        with self.lock, torch.no_grad():
             offset = 0
             for p in self._params:
                 n = p.numel()
@@ -260,15 +262,34 @@ class LoRAPolicy:
 
     # ------------------------------------------------------------------ tokenisation
 
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of user-supplied text: chat-control strings in it (``<|im_start|>``...) stay literal
+        text, so content can never open a turn, spoof a role or become a control token to train on."""
+        # split_special_tokens flips a flag on the shared Rust tokenizer for the call: one call at a time.
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
     def _prompt_ids(self, messages: ChatMessages) -> list[int]:
-        out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-        return list(ids)
+        """The chat template's tokens around each message's content, the content tokenized as plain text."""
+        messages = list(messages)
+        marks = [f"\x00rosa2-content-{i}\x00" for i in range(len(messages))]
+        rendered = self.tokenizer.apply_chat_template(
+            [{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True, tokenize=False)
+        if not all(rendered.count(mark) == 1 for mark in marks):  # a template that rewrites content
+            raise ValueError("This model's chat template changes message content, so LocalLM cannot keep "
+                             "control strings in it literal; use a model whose template inserts content as is.")
+        ids: list[int] = []
+        for message, mark in zip(messages, marks):
+            template, _, rendered = rendered.partition(mark)
+            with self._tokenizer_lock:
+                ids += self.tokenizer(template, add_special_tokens=False)["input_ids"]
+            ids += self._text_ids(message["content"])
+        with self._tokenizer_lock:
+            return ids + list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
     def _response_ids(self, response: str) -> list[int]:
         # The end-of-turn token belongs to the response: it is what makes the model stop.
-        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        return list(ids) + [self.tokenizer.eos_token_id]
+        return self._text_ids(response) + [self.tokenizer.eos_token_id]
 
     # ------------------------------------------------------------------ generation
 
@@ -301,7 +322,8 @@ class LoRAPolicy:
 
     def _adapter_or_own(self, adapter: torch.Tensor | None) -> torch.Tensor:
         if adapter is None:
-            return self.adapter_vector()
+            with self.lock:
+                return self.adapter_vector()
         adapter = torch.as_tensor(adapter, dtype=torch.float32)
         if adapter.shape != (self.num_adapter_parameters,):
             raise ValueError(f"Adapter vector has shape {tuple(adapter.shape)}, expected ({self.num_adapter_parameters},).")
@@ -372,6 +394,11 @@ class LoRAPolicy:
             raise AdapterLoadError(
                 f"The adapter in {directory} has LoRA rank {saved_config.get('r')}, this model uses "
                 f"rank {self.lora.rank}; build the LocalLM with the adapter's LoRA settings."
+            )
+        if float(saved_config.get("lora_alpha", -1)) != float(self.lora.alpha):
+            raise AdapterLoadError(
+                f"The adapter in {directory} has lora_alpha {saved_config.get('lora_alpha')}, this model uses "
+                f"{self.lora.alpha}; its scaling would differ. Build the LocalLM with the adapter's LoRA settings."
             )
         expected = get_peft_model_state_dict(self.model)
         missing = sorted(set(expected) - set(state))

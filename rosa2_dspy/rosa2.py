@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from dspy.adapters.chat_adapter import field_header_pattern
 
 from rosa2_dspy import persistence
 from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
-from rosa2_dspy.errors import FeedbackError
+from rosa2_dspy.errors import FeedbackError, TurnFailedError
 from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback
 from rosa2_dspy.local_lm import LocalLM, LoRAPolicy, lm_scope
 from rosa2_dspy.records import TurnRecord
@@ -239,10 +240,28 @@ class ROSA2(dspy.Module):
                     raise FeedbackError("Empty feedback: say what is wrong, or give a score in [0, 1].")
                 feedback = {"score": 0.0 if score is None else score, "feedback": feedback, "reference": reference}
             verdict = feedback if isinstance(feedback, Feedback) else as_feedback(feedback, self.threshold)
-            turn = self._record_feedback(session, verdict)
-            if not verdict.solved:
-                self._adapt(session, turn, verdict.reference)
-            return turn.record
+            return self._close_turn(session, verdict, adapt=True).record
+
+    def _close_turn(self, session: Session, verdict: Feedback, adapt: bool) -> Turn:
+        """Record the verdict on the pending turn and (unless solved, or ``adapt`` is False) run the words and
+        weights steps — all or nothing: if a step fails, the session is exactly as before (the turn pending
+        again) and :class:`TurnFailedError` says so; calling ``adapt`` again retries."""
+        saved = (session.pending, list(session.turns), dict(session.instructions), session.adapter, session.axis,
+                 session.stall, session.best_reward, copy.deepcopy(session.pending.record.__dict__))
+        turn = self._record_feedback(session, verdict)
+        if verdict.solved or not adapt:
+            return turn
+        try:
+            self._adapt(session, turn, verdict.reference)
+        except Exception as err:
+            (session.pending, session.turns, session.instructions, session.adapter, session.axis, session.stall,
+             session.best_reward, record_state) = saved
+            session.pending.record.__dict__.update(record_state)
+            raise TurnFailedError(
+                f"Adapting to the feedback failed ({type(err).__name__}: {err}). The session is unchanged and the "
+                "answer still awaits feedback: fix the cause and call adapt() again."
+            ) from err
+        return turn
 
     @staticmethod
     def _record_feedback(session: Session, verdict: Feedback) -> Turn:
@@ -365,11 +384,10 @@ class ROSA2(dspy.Module):
                     verdict = call_feedback(self.feedback_fn, example, prediction, None, history=session.history,
                                             threshold=self.threshold)
                     pending.record.times["feedback"] = time.perf_counter() - start
-                    turn_done = self._record_feedback(session, verdict)
+                    # after the last turn no answer would use an adaptation
+                    self._close_turn(session, verdict, adapt=turn < max_turns - 1)
                     if verdict.solved:
                         break
-                    if turn < max_turns - 1:  # after the last turn no answer would use an adaptation
-                        self._adapt(session, turn_done, verdict.reference)
             trajectory = session.history
         return dspy.Prediction(**dict(prediction.items()), trajectory=trajectory, solved=bool(trajectory[-1].solved),
                                turns=len(trajectory), session_id=session_id)

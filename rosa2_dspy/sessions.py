@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +32,18 @@ from typing import Any
 import torch
 
 from rosa2_dspy.records import TurnRecord
+
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+
+def check_session_id(session_id: Any) -> str:
+    """A session id is also a folder name in a save: 1-64 of ``A-Z a-z 0-9 _ . -``, not starting with a dot."""
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise ValueError(
+            f"Invalid session id {session_id!r}: use 1-64 letters, digits, '_', '-' or '.', not starting with '.'."
+        )
+    return session_id
 
 
 @dataclass
@@ -140,7 +153,7 @@ class SessionStore:
         """A new conversation: fresh instructions and adapter, or, with ``carry_over_from``, a copy of
         that session's. It becomes the default session when ``make_default`` or when none is set."""
         with self._lock:
-            session_id = session_id or uuid.uuid4().hex[:12]
+            session_id = check_session_id(uuid.uuid4().hex[:12] if session_id is None else session_id)
             if session_id in self._sessions:
                 raise ValueError(f"Session {session_id!r} exists; use use_session() or reset_session().")
             if carry_over_from is not None:

@@ -32,6 +32,7 @@ the same log-ratio targets) and :class:`NoUpdate`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ class WeightOptimizer(Teleprompter):
         prior_baseline: float = 0.5,
         measure_after: bool = True,
     ) -> None:
+        _finite(beta=beta, prior_baseline=prior_baseline)
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}.")
         include = frozenset(include)
@@ -230,6 +232,7 @@ class ROSAStep(WeightOptimizer):
 
     def __init__(self, beta: float = 0.5, ridge: float = 1e-3, max_norm: float = 1.0, **kwargs: Any) -> None:
         super().__init__(beta=beta, **kwargs)
+        _finite(ridge=ridge, max_norm=max_norm)
         if ridge < 0 or max_norm <= 0:
             raise ValueError("ridge must be >= 0 and max_norm > 0.")
         self.ridge = ridge
@@ -265,10 +268,20 @@ class ROSAStep(WeightOptimizer):
         record.clipped = raw > self.max_norm
         record.delta = _within_radius(delta, self.max_norm)
         record.delta_norm = float(record.delta.double().norm())
+        if not record.delta_norm > 0:
+            record.reason = "zero step"
+            return
         if not apply:
             record.reason = "dry run"
             return
         record.applied = True
+
+
+def _finite(**values: float) -> None:
+    """Refuse NaN and infinities: ``max_norm=nan`` would silently switch the trust region off."""
+    for name, value in values.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}.")
 
 
 def _within_radius(delta: torch.Tensor, radius: float) -> torch.Tensor:
@@ -303,6 +316,9 @@ class IterativeTTT(WeightOptimizer):
     def __init__(self, steps: int = 10, lr: float = 1e-3, optimizer: Literal["adam", "sgd"] = "adam",
                  target_gain: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        _finite(lr=lr, **({} if target_gain is None else {"target_gain": target_gain}))
+        if steps < 1 or lr <= 0 or optimizer not in ("adam", "sgd"):
+            raise ValueError("IterativeTTT needs steps >= 1, lr > 0 and optimizer 'adam' or 'sgd'.")
         self.steps, self.lr, self.optimizer, self.target_gain = steps, lr, optimizer, target_gain
 
     def _update(self, policy, responses, advantages, record, apply, adapter) -> None:
@@ -333,7 +349,9 @@ class IterativeTTT(WeightOptimizer):
             record.iterations = iteration + 1
         record.delta = current - adapter
         record.delta_norm = float(record.delta.norm())
-        record.applied = record.iterations > 0
+        record.applied = record.iterations > 0 and record.delta_norm > 0
+        if record.iterations > 0 and not record.applied:
+            record.reason = "zero step"
 
 
 class NoUpdate(WeightOptimizer):

@@ -1,0 +1,169 @@
+"""Persistence that trusts nothing it reads: atomic saves, manifest, safe session ids, validated state."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import dspy
+import pytest
+import torch
+from dspy.utils.dummies import DummyLM
+
+from rosa2_dspy.errors import AdapterLoadError
+from rosa2_dspy.rosa2 import ROSA2
+
+QUESTION = "What is 2+3?"
+
+
+def wrong(example, prediction, trace=None):
+    return dspy.Prediction(score=0.0, feedback="Wrong: the number only.", reference={"answer": "5"})
+
+
+def make(lm, program=None):
+    refiner = DummyLM([{"diagnosis": "Wants a number.", "refined_instruction": "Reply with one number."}] * 20)
+    return ROSA2(program or dspy.ChainOfThought("question -> answer"), lm, wrong, mode="joint", refiner_lm=refiner)
+
+
+def adapted(lm, session_id="alice"):
+    rosa2 = make(lm)
+    rosa2.start_session(session_id)
+    rosa2(question=QUESTION)
+    rosa2.adapt("Wrong: the number only.", reference={"answer": "5"})
+    return rosa2
+
+
+def rewrite_state(folder, edit):
+    """Edit state.json the way an attacker with write access would, manifest included."""
+    state = json.loads((folder / "state.json").read_text())
+    edit(state)
+    (folder / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["state.json"] = hashlib.sha256((folder / "state.json").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_state_carrying_lm_settings_is_refused_and_changes_nothing(tiny_lm, tmp_path):
+    adapted(tiny_lm).save(tmp_path / "s")
+    rewrite_state(tmp_path / "s", lambda s: s["program"]["predict"].update(
+        config={"api_base": "http://127.0.0.1:9/v1"}))
+    target = make(tiny_lm)
+    with pytest.raises(AdapterLoadError, match="refusing the state"):
+        target.load(tmp_path / "s")
+    assert not hasattr(target.program.predict, "config") or target.program.predict.config == {}
+    assert target.sessions == {}
+
+
+def test_an_interrupted_save_keeps_the_previous_save_loadable(tiny_lm, tmp_path, monkeypatch):
+    rosa2 = adapted(tiny_lm, "alice")
+    rosa2.save(tmp_path / "s")
+    saved = rosa2.sessions["alice"].adapter.clone()
+    rosa2.start_session("bob")
+    rosa2(question=QUESTION)
+    rosa2.adapt("Wrong: the number only.", reference={"answer": "5"})
+    rosa2.use_session("alice")
+    rosa2(question=QUESTION)
+    rosa2.adapt("Still wrong.", reference={"answer": "5"})  # alice moves on after the first save
+    calls = []
+    real = tiny_lm.policy.save_adapter
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_lm.policy, "save_adapter", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        rosa2.save(tmp_path / "s")
+    restored = make(tiny_lm).load(tmp_path / "s")
+    assert set(restored.sessions) == {"alice"} and torch.equal(restored.sessions["alice"].adapter, saved)
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary folder left behind
+
+
+def test_a_mixed_folder_is_detected(tiny_lm, tmp_path):
+    adapted(tiny_lm).save(tmp_path / "old")
+    other = adapted(tiny_lm)
+    other(question=QUESTION)
+    other.adapt("Still wrong.", reference={"answer": "5"})
+    other.save(tmp_path / "new")
+    adapter = "adapters/alice/adapter_model.safetensors"
+    (tmp_path / "new" / adapter).write_bytes((tmp_path / "old" / adapter).read_bytes())  # old adapter, new state
+    with pytest.raises(AdapterLoadError, match="checksum"):
+        make(tiny_lm).load(tmp_path / "new")
+    os.remove(tmp_path / "old" / adapter)
+    with pytest.raises(AdapterLoadError, match="manifest"):
+        make(tiny_lm).load(tmp_path / "old")
+
+
+@pytest.mark.parametrize("bad", ["/abs/x", "../../x", "a/b", ".hidden", "", "x" * 65, 7])
+def test_path_like_session_ids_are_refused(tiny_lm, bad):
+    with pytest.raises(ValueError, match="Invalid session id"):
+        make(tiny_lm).start_session(bad)
+
+
+def test_a_crafted_session_id_cannot_read_outside_the_folder(tiny_lm, tmp_path):
+    adapted(tiny_lm).save(tmp_path / "s")
+    rewrite_state(tmp_path / "s", lambda s: s["sessions"].update({"../../elsewhere": s["sessions"]["alice"]}))
+    with pytest.raises(AdapterLoadError, match="Invalid session id"):
+        make(tiny_lm).load(tmp_path / "s")
+
+
+def test_symlinks_are_refused(tiny_lm, tmp_path):
+    adapted(tiny_lm).save(tmp_path / "s")
+    folder = tmp_path / "s" / "adapters" / "alice"
+    os.rename(folder, tmp_path / "outside")
+    os.symlink(tmp_path / "outside", folder)
+    with pytest.raises(AdapterLoadError, match="symlink"):
+        make(tiny_lm).load(tmp_path / "s")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("sessions"), "malformed"),
+    (lambda s: s["sessions"]["alice"].update(instructions={"predict": "  "}), "empty"),
+    (lambda s: s["sessions"]["alice"].update(instructions="text"), "do not name"),
+    (lambda s: s.update(current_session_id="nobody"), "not among the saved sessions"),
+    (lambda s: s["sessions"]["alice"].update(turns=[{"inputs": {}}]), "malformed"),
+    (lambda s: s["sessions"]["alice"].update(axis="sideways"), "axis"),
+    (lambda s: s.update(version=1), "version"),
+])
+def test_malformed_states_raise_the_librarys_error_and_change_nothing(tiny_lm, tmp_path, edit, message):
+    adapted(tiny_lm).save(tmp_path / "s")
+    rewrite_state(tmp_path / "s", edit)
+    target = adapted(tiny_lm, "carol")
+    before = target.sessions["carol"].adapter.clone()
+    with pytest.raises(AdapterLoadError, match=message):
+        target.load(tmp_path / "s")
+    assert list(target.sessions) == ["carol"] and torch.equal(target.sessions["carol"].adapter, before)
+
+
+def test_a_program_with_other_fields_is_refused(tiny_lm, tmp_path):
+    adapted(tiny_lm).save(tmp_path / "s")
+    other = make(tiny_lm, dspy.ChainOfThought("question -> reply"))
+    with pytest.raises(AdapterLoadError, match="signature fields"):
+        other.load(tmp_path / "s")
+    assert other.program.predict.signature.output_fields.keys() == {"reasoning", "reply"}
+
+
+def test_an_adapter_with_another_lora_alpha_is_refused(tiny_lm, tmp_path):
+    adapted(tiny_lm).save(tmp_path / "s")
+    config = tmp_path / "s" / "adapters" / "alice" / "adapter_config.json"
+    settings = json.loads(config.read_text())
+    settings["lora_alpha"] = 64
+    config.write_text(json.dumps(settings))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["adapters/alice/adapter_config.json"] = hashlib.sha256(config.read_bytes()).hexdigest()
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AdapterLoadError, match="lora_alpha"):
+        make(tiny_lm).load(tmp_path / "s")
+
+
+def test_save_replaces_the_previous_save_and_round_trips(tiny_lm, tmp_path):
+    rosa2 = adapted(tiny_lm)
+    rosa2.save(tmp_path / "s")
+    rosa2.save(tmp_path / "s")  # over an existing save
+    restored = make(tiny_lm).load(tmp_path / "s")
+    assert restored.sessions["alice"].instructions == rosa2.sessions["alice"].instructions
+    assert torch.equal(restored.sessions["alice"].adapter, rosa2.sessions["alice"].adapter)
+    assert restored.program.predict.signature.instructions == rosa2.program.predict.signature.instructions
