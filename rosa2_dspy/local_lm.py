@@ -509,6 +509,9 @@ class LocalLM(dspy.LM):
         seed: torch seed set before each sampled generation.
         cache: DSPy's response cache. Off by default and best left off: the adapter changes between
             calls, and a cached answer would hide that change.
+        max_batch, batch_wait_ms: the batching engine's settings (default 16 rows, 5 ms): concurrent
+            calls (threads, asyncio tasks, other conversations) that arrive within the wait window join
+            one batched pass. They belong to the model, so every LocalLM over one policy shares them.
 
     The torch side is ``lm.policy`` (a :class:`LoRAPolicy`): log-probs, gradients, adapter vectors,
     ``save_adapter``/``load_adapter``.
@@ -530,6 +533,8 @@ class LocalLM(dspy.LM):
         max_tokens: int = 256,
         seed: int | None = 0,
         cache: bool = False,
+        max_batch: int | None = None,
+        batch_wait_ms: float | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(model, LoRAPolicy):
@@ -538,6 +543,11 @@ class LocalLM(dspy.LM):
             policy = LoRAPolicy.from_pretrained(model, lora=lora, device=device, dtype=dtype)
             name = model
         self.policy = policy
+        if max_batch is not None or batch_wait_ms is not None:
+            batcher = policy.batcher
+            policy.batcher = Batcher(policy, max_batch=max_batch or batcher.max_batch,
+                                     wait_ms=batcher.wait_ms if batch_wait_ms is None else batch_wait_ms,
+                                     max_score_tokens=batcher.max_score_tokens)
         model_name = "local/" + Path(str(name)).name
         engine = LocalEngine(policy, model_name, seed=seed)
         super().__init__(
