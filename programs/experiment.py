@@ -135,16 +135,17 @@ def run_experiment(config: dict[str, Any], progress: bool = True, actor: dspy.Ba
     jobs = [(mode, i) for mode in modules for i in range(len(examples))]
     results: dict[tuple[str, int], Any] = {}
 
-    def converse(job: tuple[str, int]) -> None:
+    def converse(job: tuple[str, int]) -> Any:
         mode, i = job
         result = modules[mode].interact(examples[i])
         modules[mode].end_session(result.session_id)  # every interaction starts from θ0 and the original words
-        results[job] = result
+        return result
 
     start = time.perf_counter()
     with tqdm(total=len(jobs), desc="conversations", disable=not progress) as bar, \
             ThreadPoolExecutor(max(1, int(config.get("concurrency", 8)))) as pool:
-        for _ in pool.map(converse, jobs):
+        for job, result in zip(jobs, pool.map(converse, jobs)):
+            results[job] = result
             bar.update()
     wall = time.perf_counter() - start
     summaries, trajectories, theorem = {}, {}, {}

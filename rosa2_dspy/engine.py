@@ -19,6 +19,8 @@ request is rerun alone, so one bad request fails only its own caller.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import queue
 import threading
@@ -87,13 +89,17 @@ class ScoreRow:
 
 
 @dataclass
-class Score:
-    """``log pi(y | x)`` summed over the response's tokens, their number, and (optionally) the gradient
-    of that sum with respect to the row's adapter, as a flat float32 CPU vector."""
+class LogProb:
+    """``log pi(y | x)`` of one response: the sum over its tokens, how many tokens that is, and
+    (optionally) the gradient of that sum with respect to the row's adapter, a flat float32 CPU vector."""
 
     total: float
     num_tokens: int
     grad: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.num_tokens, 1)
 
 
 def _stack_adapters(rows: Sequence[Any], device: torch.device) -> torch.Tensor:
@@ -115,11 +121,10 @@ def _next_tokens(logits: torch.Tensor, rows: Sequence[GenerationRow], generators
     return tokens
 
 
-def _cache_keyword(model: Any) -> str:
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
     """transformers >= 5.2x calls the KV cache argument ``cache``; earlier releases ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -147,7 +152,7 @@ def generate_rows(policy: "LoRAPolicy", rows: Sequence[GenerationRow]) -> list[G
     finish = ["length"] * n
     alive = list(range(n))  # original index of each row still in the batch
     cache = DynamicCache(config=model.config)
-    cache_kw = _cache_keyword(model)
+    cache_kw = _cache_keyword(type(model))
     with policy.multi_lora.active(_stack_adapters(rows, device)):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                        logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
@@ -176,13 +181,13 @@ def generate_rows(policy: "LoRAPolicy", rows: Sequence[GenerationRow]) -> list[G
     return [Generation(tokens, reason) for tokens, reason in zip(outputs, finish)]
 
 
-def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[Score]:
+def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[LogProb]:
     """``log pi(y | x)`` of every row in one right-padded forward, and per-row gradients in one backward."""
     model, device = policy.causal_lm, policy.device
     with_grad = any(r.with_grad for r in rows)
     n, width = len(rows), score_width(rows)
     ids = torch.full((n, width), policy.tokenizer.pad_token_id, dtype=torch.long)
-    row_index, position, owner = [], [], []
+    row_index, position = [], []
     for i, row in enumerate(rows):
         ids[i, : row.length] = torch.tensor(row.prompt + row.response)
         start = len(row.prompt)
@@ -202,7 +207,7 @@ def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[Score]:
         totals = torch.zeros(n, dtype=token_logprobs.dtype, device=device).index_add(0, owner_t, token_logprobs)
         grads = torch.autograd.grad(totals.sum(), adapters)[0].float().cpu() if with_grad else None
     return [
-        Score(float(totals[i].detach()), len(row.response), grads[i].clone() if grads is not None and row.with_grad else None)
+        LogProb(float(totals[i].detach()), len(row.response), grads[i].clone() if grads is not None and row.with_grad else None)
         for i, row in enumerate(rows)
     ]
 
@@ -219,7 +224,7 @@ class ModelBackend(Protocol):
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[Generation]: ...
 
-    def score(self, rows: Sequence[ScoreRow]) -> list[Score]: ...
+    def score(self, rows: Sequence[ScoreRow]) -> list[LogProb]: ...
 
 
 @dataclass
@@ -254,12 +259,11 @@ class Batcher:
         self._start_lock = threading.Lock()
         self._compute_lock = threading.Lock()
         self.passes: dict[str, int] = {"generate": 0, "score": 0}  # how many batched passes ran (for benchmarks)
-        self.rows: dict[str, int] = {"generate": 0, "score": 0}
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[Generation]:
         return self._submit("generate", list(rows))
 
-    def score(self, rows: Sequence[ScoreRow]) -> list[Score]:
+    def score(self, rows: Sequence[ScoreRow]) -> list[LogProb]:
         return self._submit("score", list(rows))
 
     def _submit(self, kind: str, rows: list) -> list:
@@ -338,5 +342,4 @@ class Batcher:
         with self._compute_lock:  # MultiLoRA's per-row state belongs to one pass at a time
             results = run(self.policy, rows)
         self.passes[kind] += 1
-        self.rows[kind] += len(rows)
         return results

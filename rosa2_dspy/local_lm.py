@@ -26,7 +26,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import dspy
 import torch
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
 
-from rosa2_dspy.engine import Batcher, GenerationRow, ScoreRow
+from rosa2_dspy.engine import Batcher, GenerationRow, LogProb, ScoreRow
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.multi_lora import MultiLoRA
 
@@ -87,19 +87,6 @@ class LoRASettings:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}.")
         if self.target_modules is not None:
             self.target_modules = tuple(self.target_modules)
-
-
-@dataclass
-class LogProb:
-    """``log pi(y | x)`` of one response: the sum over its tokens, and how many tokens that is."""
-
-    total: float
-    num_tokens: int
-    grad: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def mean(self) -> float:
-        return self.total / max(self.num_tokens, 1)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -234,11 +221,7 @@ class LoRAPolicy:
 
     def set_adapter_vector(self, vector: torch.Tensor) -> None:
         """Overwrite the adapter with ``vector`` (as returned by :meth:`adapter_vector`)."""
-        vector = torch.as_tensor(vector)
-        if vector.shape != (self.num_adapter_parameters,):
-            raise ValueError(
-                f"Adapter vector has shape {tuple(vector.shape)}, expected ({self.num_adapter_parameters},)."
-            )
+        vector = self._checked_shape(torch.as_tensor(vector))
         if not torch.isfinite(vector).all():
             raise ValueError("Refusing to load a non-finite adapter vector; the adapter is unchanged.")
         with self.lock, torch.no_grad():
@@ -324,10 +307,14 @@ class LoRAPolicy:
         if adapter is None:
             with self.lock:
                 return self.adapter_vector()
-        adapter = torch.as_tensor(adapter, dtype=torch.float32)
-        if adapter.shape != (self.num_adapter_parameters,):
-            raise ValueError(f"Adapter vector has shape {tuple(adapter.shape)}, expected ({self.num_adapter_parameters},).")
-        return adapter
+        return self._checked_shape(torch.as_tensor(adapter, dtype=torch.float32))
+
+    def _checked_shape(self, vector: torch.Tensor) -> torch.Tensor:
+        if vector.shape != (self.num_adapter_parameters,):
+            raise ValueError(
+                f"Adapter vector has shape {tuple(vector.shape)}, expected ({self.num_adapter_parameters},)."
+            )
+        return vector
 
     # ------------------------------------------------------------------ log-probabilities
 
@@ -346,7 +333,7 @@ class LoRAPolicy:
             if not isinstance(response, str):
                 raise TypeError(f"response must be a string, got {type(response).__name__}.")
             rows.append(ScoreRow(self._prompt_ids(messages), self._response_ids(response), vector, with_grad))
-        return [LogProb(s.total, s.num_tokens, s.grad) for s in self.batcher.score(rows)]
+        return self.batcher.score(rows)
 
     def logprob(self, messages: ChatMessages, response: str, *, with_grad: bool = False,
                 adapter: torch.Tensor | None = None) -> LogProb:
@@ -545,7 +532,7 @@ class LocalLM(dspy.LM):
         self.policy = policy
         if max_batch is not None or batch_wait_ms is not None:
             batcher = policy.batcher
-            policy.batcher = Batcher(policy, max_batch=max_batch or batcher.max_batch,
+            policy.batcher = Batcher(policy, max_batch=batcher.max_batch if max_batch is None else max_batch,
                                      wait_ms=batcher.wait_ms if batch_wait_ms is None else batch_wait_ms,
                                      max_score_tokens=batcher.max_score_tokens)
         model_name = "local/" + Path(str(name)).name

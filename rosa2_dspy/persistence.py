@@ -103,8 +103,6 @@ def load(rosa2: "ROSA2", path: str | Path) -> None:
     path = Path(path)
     try:
         plan = _read(rosa2, path)
-    except AdapterLoadError:
-        raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise AdapterLoadError(f"{path} holds a malformed ROSA2 state ({type(err).__name__}: {err}); "
                                "it was not written by ROSA2.save, or was edited.") from err
@@ -122,7 +120,7 @@ def _read(rosa2: "ROSA2", path: Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{path} is not a ROSA2 save folder (a real folder, not a symlink).")
     root = path.resolve()
     files = _files(path)
-    if any(p.is_symlink() for p in files) or any(p.is_symlink() for p in path.rglob("*")):
+    if any(p.is_symlink() for p in path.rglob("*")):
         raise AdapterLoadError(f"{path} contains symlinks; a ROSA2 save never does. Refusing it.")
     try:
         manifest = json.loads((path / "manifest.json").read_text())
