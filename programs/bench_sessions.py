@@ -146,12 +146,12 @@ def bench_weights(policy: LoRAPolicy) -> dict[str, Any]:
             "responses_per_step": 4}
 
 
-def bench_main_job(actor: LocalLM, config_name: str) -> dict[str, Any]:
+def bench_main_job(config_name: str) -> dict[str, Any]:
     config = experiment.load_config(config_name)
     runs = {}
     for concurrency in (1, 8):
         print(f"main job ({config_name}) with concurrency {concurrency} ...", flush=True)
-        runs[concurrency] = experiment.run_experiment({**config, "concurrency": concurrency}, actor=actor)
+        runs[concurrency] = experiment.run_experiment({**config, "concurrency": concurrency})
     sequential, concurrent = runs[1], runs[8]
     same = total = 0
     for mode, tasks in sequential["trajectories"].items():
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     actor = LocalLM(args.model, device=args.device, dtype=args.dtype)
     parts = {"generation": lambda: bench_generation(actor.policy, args.max_new_tokens),
              "weights": lambda: bench_weights(actor.policy),
-             "main": lambda: bench_main_job(actor, args.config)}
+             "main": lambda: bench_main_job(args.config)}
     for part in args.parts.split(","):
         result = parts[part]()
         payload[part] = {**result, "machine": machine_facts()}

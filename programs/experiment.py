@@ -122,14 +122,15 @@ def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[s
     }
 
 
-def run_experiment(config: dict[str, Any], progress: bool = True, actor: dspy.BaseLM | None = None) -> dict[str, Any]:
+def run_experiment(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run every configured mode; returns {"config", "summaries", "theorem_4_1", "trajectories", "wall_seconds"}.
 
-    ``actor`` reuses an already loaded actor (benchmarks run one config twice on one model).
+    The actor is built from ``config["actor"]`` for each run, so a results file always describes the
+    model settings (``max_tokens``, LoRA shape) its answers were produced with.
     """
     task = config.get("task", "intent")
     examples = load_task(task, limit=config.get("limit"), spread=config.get("spread", False))
-    actor = actor or build_actor(config.get("actor", {}))
+    actor = build_actor(config.get("actor", {}))
     modules = build_modes(config, actor, task)
     max_turns = config.get("max_turns", 4)
     jobs = [(mode, i) for mode in modules for i in range(len(examples))]
