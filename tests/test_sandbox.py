@@ -33,8 +33,9 @@ def judge(code: str, sandbox: str = "auto", tests: str = ADD_TESTS) -> dspy.Pred
     return CodeVerifier(sandbox=sandbox, timeout=5.0)(example, dspy.Prediction(code=code))
 
 
-def assert_fails(verdict: dspy.Prediction) -> None:
+def assert_fails(verdict: dspy.Prediction, says: str = "") -> None:
     assert verdict.score == 0.0 and verdict.solved is False and isinstance(verdict.feedback, str)
+    assert says in verdict.feedback
 
 
 # --- the verdict is the checker's, not the candidate's ----------------------------------------------------
@@ -43,9 +44,7 @@ def assert_fails(verdict: dspy.Prediction) -> None:
 def test_a_forged_result_file_and_an_early_clean_exit_score_zero(sandbox) -> None:
     code = ("import json, os\nfor name in ('result.json', 'results.json'):\n"
             "    json.dump({'results': [None, None, None]}, open(name, 'w'))\nos._exit(0)")
-    verdict = judge(code, sandbox)
-    assert_fails(verdict)
-    assert "exited with status 0" in verdict.feedback
+    assert_fails(judge(code, sandbox), says="exited with status 0")
 
 
 @modes
@@ -76,9 +75,7 @@ def test_forged_answers_on_stdout_or_any_descriptor_score_zero(sandbox) -> None:
 def test_an_object_that_equals_everything_scores_zero(sandbox) -> None:
     code = ("class Yes(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
             "def add(a, b):\n    return Yes(a + b + 1)")
-    verdict = judge(code, sandbox)
-    assert_fails(verdict)
-    assert "not plain data" in verdict.feedback
+    assert_fails(judge(code, sandbox), says="not plain data")
 
 
 def test_plain_values_cross_the_pipe_unchanged() -> None:

@@ -356,14 +356,17 @@ class _Remote:
         return f"<{self.name} in the sandbox>"
 
 
+def _clip(message: str) -> str:
+    return message if len(message) <= _MESSAGE_LIMIT else message[:_MESSAGE_LIMIT] + "…"
+
+
 def _check(statement: str, namespace: dict[str, Any]) -> str | None:
     """Run one test statement here; None if it passed, else its (truncated) error."""
     try:
         exec(compile(statement, "tests.py", "exec"), namespace)
         return None
     except Exception as exc:
-        message = str(exc) if isinstance(exc, _CandidateError) else _describe(exc)
-        message = message if len(message) <= _MESSAGE_LIMIT else message[:_MESSAGE_LIMIT] + "…"
+        message = _clip(str(exc) if isinstance(exc, _CandidateError) else _describe(exc))
         node = ast.parse(statement).body[0]
         if isinstance(exc, AssertionError) and isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare):
             try:
@@ -485,8 +488,8 @@ class CodeVerifier:
         kind, loaded = child.request("exec", code)
         if kind == "raised":
             if loaded.startswith("MemoryError"):
-                return {"error": f"Your code ran out of memory (limit {self.memory_mb} MB): {loaded}."}
-            return {"error": f"Your code failed to run: {loaded[:_MESSAGE_LIMIT]}."}
+                return {"error": f"Your code ran out of memory (limit {self.memory_mb} MB): {_clip(loaded)}."}
+            return {"error": f"Your code failed to run: {_clip(loaded)}."}
         namespace: dict[str, Any] = {"__name__": "tests"}
         for name in _free_names(statements, entry_point):
             kind, value = child.request("get", name)
