@@ -79,7 +79,7 @@ def test_an_object_that_equals_everything_scores_zero(sandbox) -> None:
 
 
 def test_plain_values_cross_the_pipe_unchanged() -> None:
-    value = "(1, 2.5, 'x', b'\\x00', {1: [None, True]}, {3}, frozenset({(4,)}), 1+2j, -0.0, float('inf'))"
+    value = "(1, 2.5, 'x', b'\\x00', {1: [None, True]}, {3}, frozenset({(4,)}), 1+2j, -0.0, float('inf'), -7**9000)"
     code = f"def add(a, b):\n    return {value}"
     tests = f"assert add(0, 0) == {value}\nassert add(0, 0) != list({value})\nassert type(add(0, 0)[4]) is dict"
     assert judge(code, tests=tests).score == 1.0

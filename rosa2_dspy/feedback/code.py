@@ -62,6 +62,8 @@ SANDBOXES = ("auto", "namespaces", "process")
 def _encode(value):
     """``value`` as JSON-ready plain data; a TypeError for anything else (subclasses included)."""
     kind = type(value)
+    if kind is int and value.bit_length() > 4000:  # beyond what json may write in decimal
+        return {"int": hex(value)}
     if value is None or kind in (bool, int, float, str):
         return value
     if kind is list:
@@ -80,8 +82,8 @@ def _encode(value):
 
 def _untag(obj):
     (tag, data), = obj.items()
-    makers = {"tuple": tuple, "set": set, "frozenset": frozenset, "dict": dict, "bytes": bytes.fromhex,
-              "complex": lambda parts: complex(*parts)}
+    makers = {"int": lambda text: int(text, 16), "tuple": tuple, "set": set, "frozenset": frozenset, "dict": dict,
+              "bytes": bytes.fromhex, "complex": lambda parts: complex(*parts)}
     return makers[tag](data)
 
 
