@@ -20,7 +20,9 @@ Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by
 
 ``actor.model`` is ``"embedded"``, a checkpoint folder or a hub id (a :class:`LocalLM`), or a litellm
 model string prefixed ``"litellm:"`` for a served actor (then only ``static`` and ``prompt-only`` run).
-``refiner.lm`` is ``"actor"`` or any litellm model string.
+``refiner.lm`` is ``"actor"`` or any litellm model string. ``actor.adapter`` (optional) is the DSPy adapter,
+``"plain"`` or ``"chat"``; without it a local actor uses ``LocalLM``'s default (``DEFAULT_ADAPTER``) and a
+served one ``LenientChatAdapter``.
 
 ``concurrency`` (default 8; ``--concurrency``) is how many conversations run at once: every (mode, task)
 interaction is a call of ``ROSA2.interact`` on a thread pool, the way a user serves many users from one
@@ -46,6 +48,7 @@ from tqdm import tqdm
 from programs.reporting import write_results
 from programs.tasks import feedback_for, load_task, signature_for
 from rosa2_dspy import MODES, ROSA2, LocalLM, LoRASettings, ROSAStep, summarize
+from rosa2_dspy.local_lm import make_adapter
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROGRAMS = {"predict": dspy.Predict, "cot": dspy.ChainOfThought}
@@ -69,7 +72,7 @@ def build_actor(actor: dict[str, Any]) -> dspy.BaseLM:
         return dspy.LM(model.removeprefix("litellm:"), max_tokens=actor.get("max_tokens", 256), temperature=0.0)
     lora = LoRASettings(**actor["lora"]) if "lora" in actor else None
     return LocalLM(model, device=actor.get("device", "cpu"), dtype=actor.get("dtype", "float32"), lora=lora,
-                   max_tokens=actor.get("max_tokens", 128))
+                   max_tokens=actor.get("max_tokens", 128), adapter=actor.get("adapter"))
 
 
 def build_refiner(refiner: dict[str, Any], actor: dspy.BaseLM) -> dspy.BaseLM:
@@ -114,6 +117,7 @@ def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[s
             refiner_lm=refiner_lm,
             refiner_fallback=config.get("refiner", {}).get("fallback", "keep"),
             weights=ROSAStep(**config.get("weights", {})),
+            adapter=make_adapter(adapter) if (adapter := config.get("actor", {}).get("adapter")) else None,
             max_turns=config.get("max_turns", 4),
             switch_patience=config.get("switch_patience", 1),
             compare_words=(mode == "joint"),

@@ -4,7 +4,7 @@ The tree follows the method:
 
 * ``local_lm``  - the local model: a transformers + PEFT LoRA model as a DSPy LM (``LocalLM``)
 * ``embedded``  - the embedded default model shipped in a PyPI package (SmolLM2-135M-Instruct)
-* ``adapter``   - a DSPy chat adapter lenient enough for small local models
+* ``adapter``   - DSPy adapters for small local models: lenient markers, or plain chat turns
 * ``words``     - the words step: textual-gradient rewrite of instructions (``InstructionRefiner``)
 * ``weights``   - the weights step: ROSA's one-step LoRA update (+ iterative TTT and no-update baselines)
 * ``rosa2``     - the module that joins them: ``ROSA2`` wraps any DSPy program; modes and sessions
@@ -12,7 +12,7 @@ The tree follows the method:
 * ``records``   - per-turn records and the metrics derived from them
 """
 
-from rosa2_dspy.adapter import LenientChatAdapter
+from rosa2_dspy.adapter import LenientChatAdapter, PlainChatAdapter, answer_parsed
 from rosa2_dspy.errors import AdapterLoadError, FeedbackError, ModelPackageMissingError, Rosa2Error
 from rosa2_dspy.feedback import Feedback, as_feedback
 from rosa2_dspy.local_lm import LocalLM, LogProb, LoRAPolicy, LoRASettings
@@ -34,6 +34,8 @@ __all__ = [
     "FeedbackError",
     "IterativeTTT",
     "LenientChatAdapter",
+    "PlainChatAdapter",
+    "answer_parsed",
     "LocalLM",
     "LoRAPolicy",
     "LoRASettings",

@@ -491,6 +491,25 @@ class AsyncLocalEngine:
         pass
 
 
+# The adapter LocalLM models get unless told otherwise ("plain" or "chat"): the one that gave the embedded
+# model the higher parse rate and first-turn accuracy in programs/bench_adapters.py (README, "Adapters").
+DEFAULT_ADAPTER = "chat"
+ADAPTERS = ("plain", "chat")
+
+
+def make_adapter(adapter: str | dspy.Adapter) -> dspy.Adapter:
+    """An adapter by name (``"plain"``, ``"chat"``), or the given ``dspy.Adapter`` itself."""
+    from rosa2_dspy.adapter import LenientChatAdapter, PlainChatAdapter
+
+    if isinstance(adapter, dspy.Adapter):
+        return adapter
+    if adapter == "plain":
+        return PlainChatAdapter()
+    if adapter == "chat":
+        return LenientChatAdapter()
+    raise ValueError(f"Unknown adapter {adapter!r}; use one of {ADAPTERS} or a dspy.Adapter.")
+
+
 class LocalLM(dspy.LM):
     """A local, trainable LM for DSPy: ``dspy.configure(lm=LocalLM())`` and any DSPy program runs on it.
 
@@ -505,6 +524,10 @@ class LocalLM(dspy.LM):
         seed: torch seed set before each sampled generation.
         cache: DSPy's response cache. Off by default and best left off: the adapter changes between
             calls, and a cached answer would hide that change.
+        adapter: the DSPy adapter that suits this model, as :attr:`default_adapter` (ROSA2 and the experiments
+            use it when given none): ``"plain"`` (:class:`~rosa2_dspy.adapter.PlainChatAdapter`, plain chat
+            turns), ``"chat"`` (:class:`~rosa2_dspy.adapter.LenientChatAdapter`, DSPy's field markers) or a
+            ``dspy.Adapter``. Default: :data:`DEFAULT_ADAPTER` (see ``programs/bench_adapters.py``).
         max_batch, batch_wait_ms: the batching engine's settings (default 16 rows, 5 ms): concurrent
             calls (threads, asyncio tasks, other conversations) that arrive within the wait window join
             one batched pass. They belong to the model, so every LocalLM over one policy shares them.
@@ -514,7 +537,7 @@ class LocalLM(dspy.LM):
 
     Example:
         >>> lm = LocalLM()                       # doctest: +SKIP
-        >>> dspy.configure(lm=lm)                # doctest: +SKIP
+        >>> dspy.configure(lm=lm, adapter=lm.default_adapter)  # doctest: +SKIP
         >>> dspy.ChainOfThought("question -> answer")(question="What is 2+3?")  # doctest: +SKIP
     """
 
@@ -531,8 +554,10 @@ class LocalLM(dspy.LM):
         cache: bool = False,
         max_batch: int | None = None,
         batch_wait_ms: float | None = None,
+        adapter: str | dspy.Adapter | None = None,
         **kwargs: Any,
     ) -> None:
+        self.default_adapter = make_adapter(DEFAULT_ADAPTER if adapter is None else adapter)
         if isinstance(model, LoRAPolicy):
             policy, name = model, getattr(model.model.config, "_name_or_path", "") or "custom"
         else:

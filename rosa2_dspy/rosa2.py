@@ -72,7 +72,8 @@ class ROSA2(dspy.Module):
         refiner_fallback: when the refiner's rewrite is unusable, ``"keep"`` the instruction (default) or
             ``"append"`` the feedback to it (see :class:`~rosa2_dspy.words.InstructionRefiner`).
         weights: the weights step; default :class:`ROSAStep`.
-        adapter: DSPy adapter for the actor; default :class:`LenientChatAdapter`.
+        adapter: DSPy adapter for the actor (and the refiner); default: a :class:`LocalLM` actor's
+            ``default_adapter`` (``LocalLM(adapter=...)``), else :class:`LenientChatAdapter`.
         max_turns: turns per interaction in :meth:`interact`.
         threshold: score at which a task counts as solved, when the source does not say.
         switch_patience: ``switch`` mode moves to the other axis after this many turns without a better reward.
@@ -121,7 +122,7 @@ class ROSA2(dspy.Module):
         self.mode = mode
         self.refiner = InstructionRefiner(lm=refiner_lm or lm, fallback=refiner_fallback)
         self.weights = weights or ROSAStep()
-        self.adapter = adapter or LenientChatAdapter()
+        self.adapter = adapter or getattr(lm, "default_adapter", None) or LenientChatAdapter()
         self.max_turns = max_turns
         self.threshold = threshold
         self.switch_patience = switch_patience
@@ -219,7 +220,7 @@ class ROSA2(dspy.Module):
             by_signature[id(predictor.signature)] = [
                 (c.inputs, c.outputs, t.record.feedback) for t in turns for c in t.calls if c.predictor == name
             ]
-        return ConversationAdapter(by_signature)
+        return ConversationAdapter(by_signature, base=self.adapter)
 
     # ------------------------------------------------------------------ one turn: feedback, words, weights
 
