@@ -173,3 +173,20 @@ def test_local_lm_default_adapter_is_configurable_and_rosa2_uses_it(tiny_policy)
     assert sent[3]["content"] == f"Feedback on your previous answer: I meant meters.\n\n{QUESTION}"
     explicit = LenientChatAdapter()
     assert ROSA2(dspy.Predict("question -> answer"), lm, mode="static", adapter=explicit).adapter is explicit
+
+
+@pytest.mark.parametrize("adapter", ["chat", "plain"])
+def test_bench_adapters_answers_first_turns_with_the_oracle_instruction(tiny_lm, adapter):
+    from programs.bench_adapters import MATH_FORM, answer_all, sign_test, wilson
+    from programs.tasks import load_task
+
+    examples = load_task("intent", limit=2)
+    results = answer_all(tiny_lm, "intent", "predict", examples, adapter, oracle=True, concurrency=2)
+    assert [r["question"] for r in results] == [e.question for e in examples]
+    assert all(f"The user wants {e.intent}." in r["system"] for r, e in zip(results, examples))
+    assert all(isinstance(r["parsed"], bool) and r["correct"] is False for r in results)  # a random tiny model
+    math = answer_all(tiny_lm, "math", "cot", load_task("math", limit=1), adapter, oracle=True, concurrency=1)
+    assert MATH_FORM in math[0]["system"]
+    assert wilson(0, 24)[0] == 0.0 and 0.85 < wilson(24, 24)[0] < 0.87
+    assert sign_test([True, False, False], [True, True, True]) == {"plain_only": 2, "chat_only": 0,
+                                                                 "p_two_sided": 0.5}
