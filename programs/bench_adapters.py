@@ -77,8 +77,8 @@ def answer_all(lm: dspy.BaseLM, task: str, program: str, examples: list[dspy.Exa
         module = PROGRAMS[program](signature_for(task))
         if oracle:
             for _, predictor in module.named_predictors():
-                signature = predictor.signature
-                predictor.signature = signature.with_instructions(f"{signature.instructions}\n{oracle_text(task, example)}")
+                instructions = f"{predictor.signature.instructions}\n{oracle_text(task, example)}"
+                predictor.signature = predictor.signature.with_instructions(instructions)
         raw: list = []
         error, prediction = None, None
         with lm_scope(None, raw), dspy.context(lm=lm, adapter=adapter):

@@ -90,8 +90,8 @@ class PlainChatAdapter(Adapter):
       name and a colon (``answer:``, ``**Answer:**``, ``[[ ## answer ## ]]``, case-insensitive) opens
       that field; text before the first label belongs to the first field if it has none; a last field
       that never got a label takes the reply's last line (small models end with "So the answer is 12.").
-      Other missing fields are ``""``; typed fields go through DSPy's ``parse_value`` (a ``list[str]``
-      also accepts one bullet per line).
+      Other missing fields are ``""``, and so is every field of an empty reply; typed fields go through
+      DSPy's ``parse_value`` (a ``list[str]`` also accepts one bullet per line).
     * **demos** are user/assistant turns in the same form; a ``dspy.History`` input becomes earlier
       turns (DSPy's own ``format``), and :class:`ConversationAdapter` replays a conversation over it.
 
@@ -106,6 +106,15 @@ class PlainChatAdapter(Adapter):
         ...     dspy.ChainOfThought("question -> answer")(question="3 km?").answer
         '3000 m'
     """
+
+    def _call_postprocess(self, processed_signature: Any, original_signature: Any, outputs: list, lm: Any,
+                          lm_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        # An empty reply (the model ended its turn at once) is an empty answer, not an exception that would
+        # end the conversation: feedback on it ("I got no answer") can still correct the next turn.
+        outputs = [(" " if isinstance(o, str) and not o.strip() else
+                    {**o, "text": " "} if isinstance(o, dict) and not (o.get("text") or "").strip()
+                    and not o.get("tool_calls") else o) for o in outputs]
+        return super()._call_postprocess(processed_signature, original_signature, outputs, lm, lm_kwargs)
 
     def format_system_message(self, signature: Any) -> str:
         parts = [textwrap.dedent(signature.instructions).strip()]
@@ -175,7 +184,7 @@ class PlainChatAdapter(Adapter):
         else:
             if leading and names[0] not in texts:
                 texts[names[0]] = leading
-            if not texts.get(names[-1]):  # the reply's last line, without its label
+            if names[-1] not in texts:  # never labelled: the reply's last line, without its label
                 content = [(m.group("rest") if (m := label.match(line)) else line).strip()
                            for line in completion.splitlines()]
                 texts[names[-1]] = next((line for line in reversed(content) if line), "")

@@ -71,6 +71,7 @@ def test_plain_adapter_parses_multi_field_replies():
     assert adapter.parse(cot, "1 km is 1000 m.\nSo it is 3000 m.") == {
         "reasoning": "1 km is 1000 m.\nSo it is 3000 m.", "answer": "So it is 3000 m."}
     assert adapter.parse(cot, "reasoning: 7 + 5 = 12") == {"reasoning": "7 + 5 = 12", "answer": "7 + 5 = 12"}
+    assert adapter.parse(cot, "reasoning: r\nanswer:") == {"reasoning": "r", "answer": ""}  # labelled, empty
     listed = dspy.Signature("feedback -> requirements: list[str], summary")
     assert adapter.parse(listed, "requirements:\n- use meters\n- one decimal\nsummary: units") == {
         "requirements": ["use meters", "one decimal"], "summary": "units"}
@@ -108,6 +109,16 @@ def test_plain_adapter_round_trips_with_dummy_lm(module):
         assert lm.history[-1]["outputs"][0] == "reasoning: 1 km is 1000 m.\nanswer: 3000 m"
     else:
         assert lm.history[-1]["outputs"][0] == "3000 m"  # a bare reply, no markers
+
+
+def test_plain_adapter_turns_an_empty_reply_into_an_empty_answer():
+    adapter = PlainChatAdapter()
+    lm = DummyLM([{"answer": ""}], adapter=adapter)  # the model ends its turn at once
+    with dspy.context(lm=lm, adapter=adapter):
+        assert dspy.Predict("question -> answer")(question=QUESTION).answer == ""
+    with dspy.context(lm=DummyLM([{"answer": ""}], adapter=adapter), adapter=LenientChatAdapter()):
+        with pytest.raises(AdapterParseError, match="empty"):  # what DSPy's base adapter does with it
+            dspy.Predict("question -> answer")(question=QUESTION)
 
 
 def test_plain_adapter_formats_dspy_history_as_earlier_turns():
