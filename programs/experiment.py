@@ -44,7 +44,9 @@ last turn: paired bootstrap interval of the difference and the exact McNemar p);
 whose first line holds the hash of the config and the tasks. A rerun with the same config reads the
 finished conversations back and runs only the rest (the records equal an uninterrupted run's); a
 different config is refused unless ``--fresh`` discards them. The progress bar counts conversations and
-shows the time left; the progress file is removed once the results file is written.
+shows the time left; the progress file is removed once the results file is written. If a conversation
+fails, none starts after it and those in flight are kept; on Ctrl-C those in flight are lost (a rerun
+runs them again).
 """
 
 from __future__ import annotations
@@ -272,7 +274,8 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
     jobs = [(mode, i) for mode in modes for i in range(len(examples))]
     store = ProgressFile(Path(progress_path), config_hash(config, examples), config) if progress_path else None
     done = store.load(fresh) if store else {}
-    records: dict[tuple[str, int], list[TurnRecord]] = {job: t for job, t in done.items() if job in set(jobs)}
+    wanted = set(jobs)
+    records: dict[tuple[str, int], list[TurnRecord]] = {job: t for job, t in done.items() if job in wanted}
     todo = [job for job in jobs if job not in records]
 
     start = time.perf_counter()
