@@ -1,9 +1,7 @@
 """Token streaming: LocalLM yields the answer while it is generated, through DSPy's streaming path.
 
-A random tiny model never writes DSPy's ``[[ ## answer ## ]]`` sections, so the DSPy-level tests use a
-*scripted* tiny model: a one-layer Llama reduced to a bigram table (attention and MLP outputs zeroed, so
-the next token depends on the current one only), whose head maps each token of a script to the next. After
-any chat prompt (which ends in a newline) it writes the script, as a model that follows the format would.
+A random tiny model never writes DSPy's ``[[ ## answer ## ]]`` sections, so the DSPy-level tests use the
+scripted tiny model of conftest (``scripted_lm``), which writes one formatted answer after any prompt.
 """
 
 from __future__ import annotations
@@ -17,43 +15,10 @@ import pytest
 import torch
 from dspy.streaming import StreamListener, StreamResponse
 
-from conftest import build_tiny_tokenizer
+from conftest import SCRIPT, build_tiny_tokenizer, make_scripted_policy
 from rosa2_dspy.engine import Batcher
-from rosa2_dspy.local_lm import LocalLM, LoRAPolicy, LoRASettings
 
-SCRIPT = ["[[ ## answer ## ]]\n", "It", " is", " five", ".", "\n\n", "[[ ## completed ## ]]"]
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+3?"}]
-
-
-def make_scripted_policy(script: list[str] = SCRIPT) -> LoRAPolicy:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.add_tokens([piece for piece in script if len(piece) > 1])  # one token per piece of the script
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
-                         bos_token_id=1, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    chain = [tokenizer.convert_tokens_to_ids("Ċ")]  # the newline that ends every chat prompt
-    chain += [tokenizer(piece, add_special_tokens=False)["input_ids"][0] for piece in script]
-    chain += [tokenizer.eos_token_id]
-    assert len(set(chain)) == len(chain), "a bigram table needs every token of the script once"
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        unit = torch.nn.functional.normalize(model.model.embed_tokens.weight, dim=-1)
-        head = torch.zeros_like(model.lm_head.weight)
-        for token, successor in zip(chain, chain[1:]):
-            head[successor] += 10 * unit[token]
-        model.lm_head.weight.copy_(head)
-    return LoRAPolicy(model, tokenizer, lora=LoRASettings(rank=4, alpha=8))
-
-
-@pytest.fixture(scope="module")
-def scripted_lm():
-    return LocalLM(make_scripted_policy(), max_tokens=24)
 
 
 def drain(pieces):
