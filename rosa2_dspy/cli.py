@@ -127,21 +127,44 @@ class _Chat:
         if self.streamed is None:
             self.write(head + str(self.rosa2(**inputs)[self.answer_field]))
             return
-        listener, shown, prediction = dspy.streaming.StreamListener(self.answer_field), [], None
+        # What is shown as it comes: the answer field's section when the model writes DSPy's sections (a
+        # StreamListener picks it out), else the model's plain text, which the lenient adapter makes the
+        # answer, until a "[" suggests sections after all. Whitespace at either end is held back.
+        listener, shown, raw, held, prediction = dspy.streaming.StreamListener(self.answer_field), [], "", "", None
+
+        def show(text: str) -> None:
+            nonlocal held
+            text = held + text if shown else text.lstrip()
+            held = text[len(text.rstrip()):]
+            if text.rstrip():
+                self.write_token(("" if shown else head) + text.rstrip())
+                shown.append(text.rstrip())
+
         with dspy.context(adapter=dspy.ChatAdapter()):  # ROSA2's adapters write ChatAdapter's sections
             for value in self.streamed(**inputs):
                 if isinstance(value, dspy.Prediction):
-                    prediction = value
-                    value = None
-                response = listener.receive(value) if value is not None else listener.finalize()
-                if response is not None and response.chunk:
-                    self.write_token(("" if shown else head) + response.chunk)
-                    shown.append(response.chunk)
+                    prediction, response = value, listener.finalize()
+                    show(response.chunk if response else "")
+                    continue
+                response, text = listener.receive(value), _chunk_text(value)
+                if listener.stream_start:
+                    show(response.chunk if response else "")
+                elif "[" not in raw + text:
+                    show(text)
+                raw += text
         answer = str(prediction[self.answer_field])
         if shown:
             self.write_token("\n")
-        if not shown or "".join(shown).strip() != answer.strip():  # no answer section streamed, or parsed otherwise
+        if not shown or "".join(shown) != answer.strip():  # nothing streamed, or the parse differs from it
             self.write(head + answer)
+
+
+def _chunk_text(value: Any) -> str:
+    """The text of a streamed LM chunk (DSPy's EngineChunk); "" for anything else (status messages)."""
+    try:
+        return value.choices[0].delta.content or ""
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return ""
 
 
 def run_chat(rosa2: ROSA2, read: Callable[[str], str] = input, write: Callable[[str], None] = print,

@@ -6,7 +6,9 @@ import dspy
 import torch
 from dspy.utils.dummies import DummyLM
 
+from conftest import make_scripted_policy
 from rosa2_dspy.cli import main, run_chat
+from rosa2_dspy.local_lm import LocalLM
 from rosa2_dspy.rosa2 import ROSA2
 
 
@@ -105,8 +107,17 @@ def test_chat_prints_the_answer_as_it_is_generated(scripted_lm):
     assert _chat(rosa2, ["/new", "What is 2+3?", "/quit"])[-1] == "[turn 1] answer: It is five."
 
 
-def test_chat_prints_the_whole_answer_when_the_model_writes_no_answer_section(tiny_lm):
+def test_chat_prints_the_whole_answer_when_nothing_could_be_streamed(tiny_lm):
     rosa2 = ROSA2(dspy.Predict("question -> answer"), tiny_lm, mode="param-only")
     tokens: list[str] = []
     shown = _chat(rosa2, ["What is 2+3?", "/quit"], write_token=tokens.append)
     assert tokens == [] and shown[-1].startswith("[turn 1] answer:")
+
+
+def test_chat_streams_a_plain_answer_of_a_model_that_writes_no_sections():
+    lm = LocalLM(make_scripted_policy(["Paris", " is", " the", " capital", "."]), max_tokens=24)
+    rosa2 = ROSA2(dspy.ChainOfThought("question -> answer"), lm, mode="param-only")
+    tokens: list[str] = []
+    shown = _chat(rosa2, ["Capital of France?", "/quit"], write_token=tokens.append)
+    assert tokens == ["[turn 1] answer: Paris", " is", " the", " capital", ".", "\n"]
+    assert not any("answer:" in line for line in shown)
