@@ -573,11 +573,8 @@ class AsyncLocalEngine:
     async def stream(self, request: Any) -> AsyncIterator[StreamStartEvent | StreamDeltaEvent | StreamEndEvent]:
         # The sync stream, advanced on a thread one event at a time (each hop keeps the task's context).
         events, done = self.engine.stream(request), object()
-        try:
-            while (event := await asyncio.to_thread(next, events, done)) is not done:
-                yield event
-        finally:
-            events.close()
+        while (event := await asyncio.to_thread(next, events, done)) is not done:
+            yield event
 
     async def close(self) -> None:
         pass
