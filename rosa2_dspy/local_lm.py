@@ -36,7 +36,7 @@ import torch
 from dspy.lm15 import (Message, Response, StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta,
                        TextPart, Usage)
 
-from rosa2_dspy.engine import Batcher, GenerationRow, LogProb, ScoreRow
+from rosa2_dspy.engine import Batcher, Generation, GenerationRow, LogProb, ScoreRow
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.multi_lora import MultiLoRA
 
@@ -339,7 +339,8 @@ class LoRAPolicy:
         is :meth:`generate`'s tuple, whose text is the yielded pieces joined.
 
         The row is batched with whatever else is in flight, like any other; only it pays for streaming (a
-        queue put per token on the batcher's thread). Decoding happens here, with transformers'
+        queue put per token on the batcher's thread), and the stream ends when the row does, not when its
+        batch mates do. Decoding happens here, with transformers'
         ``TextStreamer``, so a piece never ends inside a multi-byte character. Text that could be the start
         of a ``stop`` string is held back until it is known not to be one.
         """
@@ -351,19 +352,23 @@ class LoRAPolicy:
         future.add_done_callback(lambda _: tokens.put(None))
         decoder = _Detokenizer(self.tokenizer, self._tokenizer_lock)
         holdback = max((len(s) - 1 for s in stop if s), default=0)
-        text, sent, received = "", 0, 0
-        while (item := tokens.get()) is not None:
+        text, sent, ids, finished = "", 0, [], False
+        while not finished and (item := tokens.get()) is not None:
             index, token = item
-            if index < received:  # a failed batched pass is rerun alone: its tokens come again
+            if index < len(ids):  # a failed batched pass is rerun alone: its tokens come again
                 continue
-            received += 1
+            ids.append(token)
             text += decoder.push(token)
             cut = _stop_index(text, stop)
             end = cut if cut is not None else len(text) - holdback
             if end > sent:
                 yield text[sent:end]
                 sent = end
-        out = future.result()[0]  # raises the pass's error, if any
+            # The row is done (the engine's own rule); its batch mates may not be, and need not be waited for.
+            finished = token == self.tokenizer.eos_token_id or len(ids) >= max(max_new_tokens, 1)
+        # Without the row's last token, the pass ended early: the future holds its error.
+        out = Generation(ids, "stop" if ids[-1] == self.tokenizer.eos_token_id else "length") if finished \
+            else future.result()[0]
         final, n_in, n_out, finish = self._result(out, stop, len(prompt))
         if final.startswith(text[:sent]):
             if len(final) > sent:

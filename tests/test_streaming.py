@@ -135,3 +135,30 @@ def test_streaming_beside_a_concurrent_request_gives_both_the_answers_they_get_a
     assert tiny_policy.batcher.passes["generate"] == 1  # one batched pass held both
     assert len(pieces) >= 2 and "".join(pieces) == result[0]
     assert result == alone_streamed and together == alone_other
+
+
+def test_a_streamed_answer_ends_when_its_row_ends_not_when_the_pass_does(monkeypatch):
+    policy = make_scripted_policy()
+    stream_ended, engine_waited = threading.Event(), []
+    submit = policy.batcher.submit
+
+    def submit_and_hold_the_pass_after_the_last_token(kind, rows):
+        for row in rows:
+            report = row.on_token
+
+            def on_token(index, token, report=report):
+                report(index, token)
+                if token == policy.tokenizer.eos_token_id:  # the pass goes on only once the stream has ended
+                    engine_waited.append(stream_ended.wait(timeout=10))
+            row.on_token = on_token
+        return submit(kind, rows)
+
+    monkeypatch.setattr(policy.batcher, "submit", submit_and_hold_the_pass_after_the_last_token)
+    pieces, result = drain(policy.generate_stream(MESSAGES, max_new_tokens=24))
+    stream_ended.set()
+    assert "".join(pieces) == result[0] and result[2:] == (len(SCRIPT) + 1, "stop")
+    for _ in range(100):
+        if engine_waited:
+            break
+        threading.Event().wait(0.05)
+    assert engine_waited == [True]
