@@ -340,9 +340,9 @@ class LoRAPolicy:
 
         The row is batched with whatever else is in flight, like any other; only it pays for streaming (a
         queue put per token on the batcher's thread), and the stream ends when the row does, not when its
-        batch mates do. Decoding happens here, with transformers'
-        ``TextStreamer``, so a piece never ends inside a multi-byte character. Text that could be the start
-        of a ``stop`` string is held back until it is known not to be one.
+        batch mates do. Decoding happens here, with transformers' ``TextStreamer``, so a piece never ends
+        inside a multi-byte character. Text that could be the start of a ``stop`` string is held back until
+        it is known not to be one.
         """
         prompt = self._prompt_ids(messages)
         tokens: queue.SimpleQueue = queue.SimpleQueue()
