@@ -238,7 +238,7 @@ class ROSA2(dspy.Module):
         return self.store.current()
 
     def start_session(self, session_id: str | None = None, carry_over_from: str | None = None) -> str:
-        """Start a conversation and make it the default session: original instructions and the initial
+        """Start a conversation and make it the default session: the program's current instructions and the initial
         adapter, or, with ``carry_over_from``, that session's instructions and adapter."""
         return self.store.start(session_id, carry_over_from, make_default=True)
 
@@ -253,7 +253,7 @@ class ROSA2(dspy.Module):
         return self.store.use(session_id)
 
     def reset_session(self, session_id: str | None = None) -> None:
-        """Back to the original instructions and initial adapter; the turns are forgotten."""
+        """Back to the program's current instructions and the initial adapter; the turns are forgotten."""
         self.store.reset(session_id or self.session.session_id)
 
     def end_session(self, session_id: str) -> None:

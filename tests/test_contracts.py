@@ -49,12 +49,14 @@ EXTRACT = "[[ ## reasoning ## ]]\nThe tool said five.\n\n[[ ## answer ## ]]\n5\n
 class FormatFollowingPolicy(LoRAPolicy):
     """The tiny model (its adapter, log-probs and gradients are real), except that it *writes* what a model
     that follows ReAct's format writes: the tiny random model cannot, and DSPy's ReAct raises on a tool
-    name it cannot parse. Records the adapter each generation ran under."""
+    name it cannot parse. Records the prompt and the adapter of each generation."""
 
     adapters: list
+    prompts: list
 
     def generate(self, messages, *, adapter=None, **_):
         self.adapters.append(None if adapter is None else adapter.clone())
+        self.prompts.append(messages)
         if "next_tool_name" in messages[0]["content"]:
             text = FINISH if "observation_0" in messages[-1]["content"] else LOOKUP
         else:
@@ -66,7 +68,7 @@ class FormatFollowingPolicy(LoRAPolicy):
 def test_react_with_one_tool_interacts_for_three_turns(mode):
     tokenizer = build_tiny_tokenizer()
     policy = FormatFollowingPolicy(build_tiny_model(len(tokenizer)), tokenizer, lora=LoRASettings(rank=4, alpha=8))
-    policy.adapters = []
+    policy.adapters, policy.prompts = [], []
     lm = LocalLM(policy, max_tokens=64)
     lookups = []
 
@@ -90,6 +92,9 @@ def test_react_with_one_tool_interacts_for_three_turns(mode):
     assert [c.completion for c in turn.calls] == [LOOKUP, FINISH, EXTRACT]  # what the model wrote
     if mode in ("prompt-only", "joint"):
         assert rosa2.session.turns[1].record.instructions == {"react": REFINED, "extract.predict": REFINED}
+        # the second turn's prompts (3 per turn: react, react, extract) ran the refined words
+        assert all(REFINED in messages[0]["content"] for messages in policy.prompts[3:6])
+        assert not any(REFINED in messages[0]["content"] for messages in policy.prompts[:3])
     if mode in ("param-only", "joint"):
         assert result.rosa2.trajectory[0].weights["applied"] and changed(rosa2, lm)
         # the second turn ran under the session's adapted weights
