@@ -308,12 +308,11 @@ class ROSA2(dspy.Module):
         return prediction
 
     def _conversation_adapter(self, program: dspy.Module, turns: list[Turn]) -> ConversationAdapter:
-        by_signature: dict[int, list] = {}
-        for name, predictor in program.named_predictors():
-            by_signature[id(predictor.signature)] = [
-                (c.inputs, c.outputs, t.record.feedback) for t in turns for c in t.calls if c.predictor == name
-            ]
-        return ConversationAdapter(by_signature)
+        return ConversationAdapter.bound([
+            (predictor.signature,
+             [(c.inputs, c.outputs, t.record.feedback) for t in turns for c in t.calls if c.predictor == name])
+            for name, predictor in program.named_predictors()
+        ])
 
     # ------------------------------------------------------------------ one turn: feedback, words, weights
 

@@ -337,3 +337,19 @@ def test_rosa2_without_lm_uses_the_lm_configured_at_call_time(tiny_lm):
     with dspy.context(lm=served):
         assert prompt_only.interact(EXAMPLE).answer == "4"
     assert REFINED in served.history[-1]["messages"][0]["content"]
+
+
+def test_refine_keeps_static_modes_conversation_in_its_hinted_attempts():
+    """dspy.Refine re-creates the configured adapter from its class (to add a hint): static mode's replayed
+    conversation must survive that. A served actor (DummyLM) writes the answers and Refine's advice."""
+    actor = DummyLM([{"answer": "4"}, {"discussion": "d", "advice": {"self": "Add the numbers."}}, {"answer": "6"}] * 3)
+    rosa2 = ROSA2(refine(dspy.Predict("question -> answer")), actor, wrong, mode="static", max_turns=2)
+    before = len(GLOBAL_HISTORY)
+    result = rosa2.interact(EXAMPLE)
+    assert result.rosa2.turns == 2
+    calls = GLOBAL_HISTORY[before:]  # Refine's attempts run on copies of the actor (their own history)
+    assert len(calls) == 6  # per turn: an attempt, the advice, a hinted attempt
+    hinted = calls[-1]["messages"]  # the second turn's hinted attempt
+    assert "Add the numbers." in hinted[-1]["content"]
+    assert [m["role"] for m in hinted] == ["system", "user", "assistant", "user"]
+    assert hinted[-1]["content"].startswith(f"Feedback on your previous answer: {FEEDBACK}")
