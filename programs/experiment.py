@@ -287,8 +287,8 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
             mode, i = job
             began = time.perf_counter()
             result = modules[mode].interact(examples[i])
-            modules[mode].end_session(result.session_id)  # every interaction starts from θ0 and the original words
-            return result.trajectory, time.perf_counter() - began
+            modules[mode].end_session(result.rosa2.session_id)  # every interaction starts from θ0 and the original words
+            return result.rosa2.trajectory, time.perf_counter() - began
 
         _run_jobs(todo, converse, records, store, examples, int(config.get("concurrency", 8)), len(jobs), progress)
     wall = time.perf_counter() - start

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import dspy
+
 from rosa2_dspy.stats import bootstrap_ci, solved_by
 
 PHASES = ("generate", "feedback", "words", "weights")
@@ -39,6 +41,27 @@ class TurnRecord:
     def from_dict(cls, data: dict[str, Any]) -> TurnRecord:
         """The record :meth:`to_dict` gave (e.g. read back from JSON); unknown keys are an error."""
         return cls(**data)
+
+
+@dataclass
+class InteractionResult:
+    """What one :meth:`ROSA2.interact` did: the per-turn records, whether it was solved, in how many turns."""
+
+    trajectory: list[TurnRecord]
+    solved: bool
+    turns: int
+    session_id: str
+
+
+class InteractionPrediction(dspy.Prediction):
+    """The last answer of an interaction: the wrapped program's own fields, untouched (ReAct's ``trajectory``
+    included), plus ROSA2's data under the one reserved attribute ``rosa2`` (an :class:`InteractionResult`).
+
+    ``rosa2`` is an attribute, not a field: ``items()``, ``keys()`` and ``toDict()`` hold the program's
+    fields only, so a metric or ``dspy.Evaluate`` sees exactly what the program answered.
+    """
+
+    rosa2: InteractionResult | None = None  # a class attribute: DSPy then stores it as an attribute, not a field
 
 
 def degenerate(text: str) -> str:
