@@ -128,6 +128,7 @@ class ROSA2(dspy.Module):
         self.compare_words = compare_words
         self.original_instructions = {n: p.signature.instructions for n, p in program.named_predictors()}
         self.store = SessionStore(self._fresh_state)
+        self.adaptation = persistence.AdaptationState(self)  # the sessions, as a DSPy parameter (save/load)
 
     # ------------------------------------------------------------------ sessions
 
@@ -414,15 +415,57 @@ class ROSA2(dspy.Module):
 
     # ------------------------------------------------------------------ saving and loading
 
-    def save(self, path: str | Path, **_: Any) -> Path:
-        """Save the program's state and every session (instructions, turns, adapter) to a folder.
+    def save(self, path: str | Path, save_program: bool = False, modules_to_serialize: list | None = None) -> Path:
+        """Save the program's state and every session (instructions, turns, adapter), DSPy's way.
 
-        ``state.json`` holds the program state (DSPy's ``dump_state``) and the sessions; each session's
-        adapter is a PEFT folder (``adapter_model.safetensors`` + ``adapter_config.json``).
+        * ``save("rosa2.json")``: the state in ``rosa2.json``, the adapters beside it in ``rosa2.adapters/``;
+        * ``save("folder/")`` (no ``.json`` suffix): a folder with ``state.json``, ``adapters/<session>/``
+          and a manifest (see ``rosa2_dspy.persistence``);
+        * ``save("rosa2.pkl")`` and ``save("dir", save_program=True)``: DSPy's pickle forms; the model is
+          pickled as a handle and the adapters as safetensors bytes.
+
+        Each adapter is a PEFT folder's files (``adapter_model.safetensors`` + ``adapter_config.json``).
+        A parent program that contains this module saves the same state through its own ``save``.
         """
+        if save_program or Path(path).suffix == ".pkl":
+            super().save(path, save_program=save_program, modules_to_serialize=modules_to_serialize)
+            return Path(path)
         return persistence.save(self, path)
 
-    def load(self, path: str | Path, **_: Any) -> "ROSA2":
-        """Load what :meth:`save` wrote. Everything is read and checked before anything is replaced."""
-        persistence.load(self, path)
+    def load(self, path: str | Path, allow_pickle: bool = False, allow_unsafe_lm_state: bool = False) -> "ROSA2":
+        """Load what :meth:`save` wrote (a ``.json`` file, a folder, or with ``allow_pickle`` a ``.pkl``).
+        Everything is read and checked before anything is replaced."""
+        if Path(path).suffix == ".pkl":
+            super().load(path, allow_pickle=allow_pickle, allow_unsafe_lm_state=allow_unsafe_lm_state)
+        else:
+            persistence.load(self, path)
         return self
+
+    def named_parameters(self):
+        # ``adaptation`` last: a parent's load_state applies it after the program's predictors.
+        params = super().named_parameters()
+        return [p for p in params if p[1] is not self.adaptation] + [p for p in params if p[1] is self.adaptation]
+
+    def __deepcopy__(self, memo: dict) -> "ROSA2":
+        # What copy.deepcopy did before __getstate__ existed (which pickling needs): a field-by-field copy.
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            if key not in ("history", "callbacks"):
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        clone.history, clone.callbacks = [], []
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``save_program=True``): sessions travel in the embedded state form (adapters as
+        safetensors bytes), the model as a handle that re-attaches on load; no locks, no live tensors."""
+        state = super().__getstate__()
+        state["store"] = None
+        state["_sessions_state"] = persistence.dump_state(self)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        sessions = state.pop("_sessions_state")
+        super().__setstate__(state)
+        self.store = SessionStore(self._fresh_state)
+        persistence.load_state(self, sessions, where="the pickled ROSA2 state")
