@@ -393,6 +393,20 @@ class ROSA2(dspy.Module):
         return dspy.Prediction(**dict(prediction.items()), trajectory=trajectory, solved=bool(trajectory[-1].solved),
                                turns=len(trajectory), session_id=session_id)
 
+    def as_interaction(self, max_turns: int | None = None, keep_sessions: bool = False) -> dspy.Module:
+        """This module as a DSPy program that runs one whole interaction per call, for ``dspy.Evaluate``
+        (see ``rosa2_dspy.interactions``)."""
+        from rosa2_dspy.interactions import Interaction
+
+        return Interaction(self, max_turns=max_turns, keep_sessions=keep_sessions)
+
+    def evaluate(self, devset: list[dspy.Example], metric: Any = None, **kwargs: Any) -> Any:
+        """``dspy.Evaluate`` over whole interactions, each example its own session; the result carries the
+        per-turn metrics as ``summary`` (see ``rosa2_dspy.interactions.evaluate``)."""
+        from rosa2_dspy.interactions import evaluate
+
+        return evaluate(self, devset, metric, **kwargs)
+
     # ------------------------------------------------------------------ async twins
 
     async def aforward(self, **inputs: Any) -> dspy.Prediction:
