@@ -295,3 +295,14 @@ def test_an_interrupted_json_save_keeps_the_previous_save_loadable(tiny_lm, tmp_
     assert torch.equal(restored.sessions["alice"].adapter, saved)
     assert len(list((tmp_path / "rosa2.adapters").iterdir())) == 1  # the new save's adapters were removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rosa2.adapters", "rosa2.json"]
+
+
+def test_rosa2s_own_pickle_forms_round_trip_through_the_checked_loader(tiny_lm, tmp_path):
+    rosa2 = adapted(tiny_lm)
+    rosa2.save(tmp_path / "program", save_program=True)
+    loaded = dspy.load(str(tmp_path / "program"), allow_pickle=True)
+    assert torch.equal(loaded.sessions["alice"].adapter, rosa2.sessions["alice"].adapter)
+    rosa2.save(tmp_path / "state.pkl")
+    restored = make(tiny_lm).load(tmp_path / "state.pkl", allow_pickle=True)
+    assert restored.sessions["alice"].instructions == rosa2.sessions["alice"].instructions
+    assert torch.equal(restored.sessions["alice"].adapter, rosa2.sessions["alice"].adapter)
