@@ -170,6 +170,7 @@ def table_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "mean turns": s["mean_turns"],
             "correction uplift": s["correction_uplift"],
             "mean |Δθ|": s["mean_delta_norm"],
+            "degenerate at end": s["degenerate_final"],
             **{f"{p} s/turn": v for p, v in s["seconds_per_turn"].items()},
         })
         rows.append(row)

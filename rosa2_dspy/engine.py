@@ -1,6 +1,6 @@
 """The batching engine: many conversations' model work in one pass, each row with its own LoRA adapter.
 
-Two batched passes over a :class:`~rosa2_dspy.local_lm.LoRAPolicy`, both built on
+Batched passes over a :class:`~rosa2_dspy.local_lm.LoRAPolicy`, all built on
 :class:`~rosa2_dspy.multi_lora.MultiLoRA` (one base-model pass plus a per-row low-rank term):
 
 * :func:`generate_rows` — left-padded prompts, attention mask, a KV cache; greedy or sampled, with a
@@ -9,6 +9,9 @@ Two batched passes over a :class:`~rosa2_dspy.local_lm.LoRAPolicy`, both built o
 * :func:`score_rows` — ``log pi(y | x)`` of (prompt, response) rows, right-padded (so every real token
   sees exactly what it would alone), and, on request, every row's gradient with respect to its own
   adapter copy: one forward and one backward give all per-sample gradients.
+* :func:`divergence_rows` — how far a candidate adapter moves the model's next-token predictions from a
+  reference adapter over a text (mean per-token KL): the weights step's check that a step does not
+  wreck the model.
 
 :class:`Batcher` coalesces concurrent requests (threads, or asyncio through threads) into those
 passes: one worker thread takes the first request, waits up to ``wait_ms`` for more of the same kind
@@ -212,6 +215,41 @@ def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[LogProb]:
     ]
 
 
+@dataclass
+class DivergenceRow:
+    """A (prompt, response) text under two adapters: how far apart are the model's predictions?"""
+
+    prompt: list[int]
+    response: list[int]
+    adapter: torch.Tensor  # the reference (e.g. before a step)
+    other: torch.Tensor  # the candidate (e.g. after it)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.response)
+
+
+@torch.no_grad()
+def divergence_rows(policy: "LoRAPolicy", rows: Sequence[DivergenceRow]) -> list[float]:
+    """Mean per-token ``KL(pi_adapter || pi_other)`` of the next-token distributions over every position
+    of each row's prompt and response, in one right-padded forward of ``2n`` rows (row ``i`` under
+    ``adapter``, row ``n + i`` under ``other``)."""
+    model, device, n, width = policy.causal_lm, policy.device, len(rows), score_width(rows)
+    ids = torch.full((2 * n, width), policy.tokenizer.pad_token_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : row.length] = ids[n + i, : row.length] = torch.tensor(row.prompt + row.response)
+    adapters = torch.cat([_stack_adapters(rows, device),
+                          torch.stack([torch.as_tensor(r.other, dtype=torch.float32) for r in rows]).to(device)])
+    with policy.multi_lora.active(adapters):
+        hidden = model.get_decoder()(input_ids=ids.to(device)).last_hidden_state
+    head, results = model.get_output_embeddings(), []
+    for i, row in enumerate(rows):  # positions 0..L-2 predict real tokens; padding never enters
+        p = torch.log_softmax(head(hidden[i, : row.length - 1]).float(), dim=-1)  # one row's logits at a time
+        q = torch.log_softmax(head(hidden[n + i, : row.length - 1]).float(), dim=-1)
+        results.append(float((p.exp() * (p - q)).sum(-1).mean()))
+    return results
+
+
 class ModelBackend(Protocol):
     """What ROSA2 asks of a model: batched generation and batched scoring, each row under its own adapter.
 
@@ -226,10 +264,12 @@ class ModelBackend(Protocol):
 
     def score(self, rows: Sequence[ScoreRow]) -> list[LogProb]: ...
 
+    def divergence(self, rows: Sequence[DivergenceRow]) -> list[float]: ...
+
 
 @dataclass
 class _Job:
-    kind: str  # "generate" or "score"
+    kind: str  # "generate", "score" or "divergence"
     rows: list
     future: Future
 
@@ -258,13 +298,16 @@ class Batcher:
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._compute_lock = threading.Lock()
-        self.passes: dict[str, int] = {"generate": 0, "score": 0}  # how many batched passes ran (for benchmarks)
+        self.passes: dict[str, int] = {kind: 0 for kind in _PASSES}  # how many batched passes ran (for benchmarks)
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[Generation]:
         return self._submit("generate", list(rows))
 
     def score(self, rows: Sequence[ScoreRow]) -> list[LogProb]:
         return self._submit("score", list(rows))
+
+    def divergence(self, rows: Sequence[DivergenceRow]) -> list[float]:
+        return self._submit("divergence", list(rows))
 
     def _submit(self, kind: str, rows: list) -> list:
         if not rows:
@@ -281,7 +324,7 @@ class Batcher:
         """Split one request into passes of at most ``max_batch`` rows (and ``max_score_tokens``)."""
         if kind == "generate":
             return [rows[i : i + self.max_batch] for i in range(0, len(rows), self.max_batch)]
-        width = score_width(rows)
+        width = score_width(rows) * (2 if kind == "divergence" else 1)
         per_pass = max(1, min(self.max_batch, self.max_score_tokens // width))
         return [rows[i : i + per_pass] for i in range(0, len(rows), per_pass)]
 
@@ -295,9 +338,10 @@ class Batcher:
         rows = sum(len(j.rows) for j in batch) + len(job.rows)
         if job.kind != batch[0].kind or rows > self.max_batch:
             return False
-        if job.kind == "score":  # equal widths only (see score_width), within one backward pass's budget
+        if job.kind != "generate":  # equal widths only (see score_width), within one pass's token budget
             width = score_width(job.rows)
-            return width == score_width(batch[0].rows) and width * rows <= self.max_score_tokens
+            factor = 2 if job.kind == "divergence" else 1
+            return width == score_width(batch[0].rows) and factor * width * rows <= self.max_score_tokens
         return True
 
     def _loop(self) -> None:
@@ -338,8 +382,11 @@ class Batcher:
             offset += len(job.rows)
 
     def _run(self, kind: str, rows: list) -> list:
-        run: Callable = generate_rows if kind == "generate" else score_rows
+        run: Callable = _PASSES[kind]
         with self._compute_lock:  # MultiLoRA's per-row state belongs to one pass at a time
             results = run(self.policy, rows)
         self.passes[kind] += 1
         return results
+
+
+_PASSES: dict[str, Callable] = {"generate": generate_rows, "score": score_rows, "divergence": divergence_rows}

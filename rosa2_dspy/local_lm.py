@@ -37,7 +37,7 @@ import dspy
 import torch
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
 
-from rosa2_dspy.engine import Batcher, GenerationRow, LogProb, ScoreRow
+from rosa2_dspy.engine import Batcher, DivergenceRow, GenerationRow, LogProb, ScoreRow
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.multi_lora import MultiLoRA
 
@@ -364,6 +364,15 @@ class LoRAPolicy:
                 adapter: torch.Tensor | None = None) -> LogProb:
         """One pair's :meth:`logprobs`."""
         return self.logprobs([(messages, response)], with_grad=with_grad, adapter=adapter)[0]
+
+    def divergence(self, pairs: Sequence[tuple[ChatMessages, str]], adapter: torch.Tensor,
+                   other: torch.Tensor) -> list[float]:
+        """For each ``(messages, response)``: the mean per-token ``KL(pi_adapter || pi_other)`` of the
+        next-token distributions over the prompt and the response (one batched pass for all pairs)."""
+        a, b = self._checked_shape(torch.as_tensor(adapter, dtype=torch.float32)), \
+            self._checked_shape(torch.as_tensor(other, dtype=torch.float32))
+        rows = [DivergenceRow(self._prompt_ids(m), self._response_ids(r), a, b) for m, r in pairs]
+        return self.batcher.divergence(rows)
 
     # ------------------------------------------------------------------ saving and loading
 

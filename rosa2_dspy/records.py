@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,6 +34,36 @@ class TurnRecord:
         return asdict(self)
 
 
+def degenerate(text: str) -> str:
+    """Why ``text`` looks like a wrecked model's output ("" if it does not). A simple, documented detector:
+
+    * **non-text characters**: the replacement character U+FFFD (broken byte sequences), control
+      characters other than newline/tab, unassigned or private-use code points, or combining marks
+      making up more than 10% of the characters;
+    * **repetition**: 12 words or more, of which fewer than half of the word 3-grams are distinct.
+
+    It flags babble such as ``"� Shantְ,\n� Shantְ,\n..."``; a fluent wrong answer is not degenerate.
+    """
+    if not text:
+        return ""
+    categories = [unicodedata.category(c) for c in text]
+    if "\ufffd" in text or any(k in ("Cn", "Co") or (k == "Cc" and c not in "\n\t\r")
+                                 for c, k in zip(text, categories)):
+        return "non-text characters"
+    if sum(k.startswith("M") for k in categories) > 0.1 * len(text):
+        return "non-text characters"
+    words = text.lower().split()
+    if len(words) >= 12:
+        trigrams = list(zip(words, words[1:], words[2:]))
+        if len(set(trigrams)) < 0.5 * len(trigrams):
+            return "repetition"
+    return ""
+
+
+def _degenerate_answer(record: TurnRecord) -> bool:
+    return any(isinstance(v, str) and degenerate(v) for v in record.outputs.values())
+
+
 def _first_solved(trajectory: Sequence[TurnRecord]) -> int | None:
     return next((r.turn for r in trajectory if r.solved), None)
 
@@ -44,7 +75,8 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
       so a solved task counts as solved at every later turn);
     * ``turns_to_solve``: mean turns over the solved tasks, and ``mean_turns`` over all (unsolved = max);
     * ``correction_uplift``: share of first-turn failures solved later;
-    * mean ``‖Δθ‖`` over turns with an applied weights step, and mean seconds per phase per turn.
+    * mean ``‖Δθ‖`` over turns with an applied weights step, and mean seconds per phase per turn;
+    * ``degenerate_final``: share of interactions whose last answer is :func:`degenerate`.
     """
     n = len(trajectories)
     solved_at = [_first_solved(t) for t in trajectories]
@@ -63,6 +95,7 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
         if first_failures else 0.0,
         "mean_delta_norm": statistics.mean(norms) if norms else 0.0,
         "seconds_per_turn": {p: statistics.mean(r.times[p] for r in turns) if turns else 0.0 for p in PHASES},
+        "degenerate_final": sum(1 for t in trajectories if t and _degenerate_answer(t[-1])) / n if n else 0.0,
         "tokens_per_task": statistics.mean(sum(r.tokens["prompt"] + r.tokens["completion"] for r in t)
                                            for t in trajectories) if n else 0.0,
     }

@@ -8,8 +8,12 @@ targets ``a_i = (r_i - r̄)/beta`` (``log Z`` estimated by the mean reward),
 
     Δθ = argmin Σ_i (g_iᵀΔθ - a_i)² + λ‖Δθ‖²  =  Gᵀ (G Gᵀ + λ I)⁻¹ a,
 
-an n×n solve after n backward passes. Guards: a trust region ``‖Δθ‖ <= max_norm`` and no update from
-non-finite numbers or a failed solve (the reason is recorded; the adapter is untouched).
+an n×n solve after n backward passes. Guards: a trust region ``‖Δθ‖ <= max_norm``; no update from
+non-finite numbers or a failed solve (the reason is recorded; the adapter is untouched); and a check of
+the step's *effect*: the mean per-token KL between the model's next-token predictions before and after
+the step, over the turn's own prompt and answer, must stay within ``max_kl``, else the step is halved
+(a backtracking line search, as trust-region policy methods do) up to ``max_backtracks`` times and
+then not applied. Each record says the KL and how often the step was halved.
 
 Choices (ours, documented here):
 
@@ -46,6 +50,7 @@ from rosa2_dspy.local_lm import ChatMessages, LocalLM, LoRAPolicy
 logger = logging.getLogger(__name__)
 
 Source = Literal["current", "history", "reference"]
+DEFAULT_MAX_KL = 1.0  # mean per-token nats on the turn's text; calibrated by programs.bench_step_safety
 ALL_SOURCES: frozenset[str] = frozenset({"current", "history", "reference"})
 
 
@@ -79,6 +84,8 @@ class WeightStep:
     logprob_after: list[float] = field(default_factory=list)
     iterations: int = 0
     seconds: float = 0.0
+    kl: float | None = None  # mean per-token KL(before || after) on the turn's text; None if not checked
+    backtracks: int = 0  # how often the step was halved to keep the KL within max_kl
     delta: torch.Tensor | None = field(default=None, repr=False)
     adapter: torch.Tensor | None = field(default=None, repr=False)  # the adapter after an applied step
 
@@ -93,7 +100,7 @@ class WeightStep:
             "num_responses": self.num_responses, "advantages": self.advantages,
             "delta_norm": self.delta_norm, "raw_delta_norm": self.raw_delta_norm, "clipped": self.clipped,
             "logprob_before": self.logprob_before, "logprob_after": self.logprob_after,
-            "iterations": self.iterations, "seconds": self.seconds,
+            "iterations": self.iterations, "seconds": self.seconds, "kl": self.kl, "backtracks": self.backtracks,
         }
 
 
@@ -120,10 +127,14 @@ class WeightOptimizer(Teleprompter):
         length_normalize: bool = False,
         prior_baseline: float = 0.5,
         measure_after: bool = True,
+        max_kl: float | None = DEFAULT_MAX_KL,
+        max_backtracks: int = 4,
     ) -> None:
-        _finite(beta=beta, prior_baseline=prior_baseline)
+        _finite(beta=beta, prior_baseline=prior_baseline, **({} if max_kl is None else {"max_kl": max_kl}))
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}.")
+        if (max_kl is not None and max_kl <= 0) or max_backtracks < 0:
+            raise ValueError("max_kl must be > 0 (or None to switch the check off) and max_backtracks >= 0.")
         include = frozenset(include)
         if not include <= ALL_SOURCES:
             raise ValueError(f"include must be a subset of {sorted(ALL_SOURCES)}, got {sorted(include)}.")
@@ -132,6 +143,8 @@ class WeightOptimizer(Teleprompter):
         self.length_normalize = length_normalize
         self.prior_baseline = prior_baseline
         self.measure_after = measure_after
+        self.max_kl = max_kl
+        self.max_backtracks = max_backtracks
         self._previous: torch.Tensor | None = None
 
     # -- DSPy teleprompter entry point (the loop lives in rosa2_dspy.teleprompt)
@@ -204,6 +217,8 @@ class WeightOptimizer(Teleprompter):
         own = adapter is None
         before = policy.adapter_vector() if own else torch.as_tensor(adapter, dtype=torch.float32).clone()
         self._update(policy, chosen, advantages, record, apply, before)
+        if record.applied and self.max_kl is not None:
+            self._keep_within_kl(policy, chosen, before, record)
         if record.applied:
             record.adapter = before + record.delta
             if own:
@@ -215,6 +230,28 @@ class WeightOptimizer(Teleprompter):
         if apply and not record.applied:
             logger.info("%s step skipped: %s", self.name, record.reason)
         return record
+
+    def _keep_within_kl(self, policy: LoRAPolicy, responses: list[ScoredResponse], before: torch.Tensor,
+                        record: WeightStep) -> None:
+        """Backtracking line search on the step's effect: halve ``Δθ`` until the model's next-token
+        distributions over the turn's own prompt and answer move by at most ``max_kl`` (mean per-token KL),
+        at most ``max_backtracks`` times; past that the step is not applied. A step that satisfies the
+        objective's targets can still wreck a small model's fluency; this is where that is caught."""
+        anchors = [r for r in responses if r.source == "current"] or responses[-1:]
+        pairs = [(r.messages, r.completion) for r in anchors]
+        delta = record.delta
+        for halvings in range(self.max_backtracks + 1):
+            record.kl = max(policy.divergence(pairs, before, before + delta))
+            if record.kl <= self.max_kl:
+                record.backtracks = halvings
+                record.delta, record.delta_norm = delta, float(delta.double().norm())
+                return
+            if halvings < self.max_backtracks:
+                delta = delta * 0.5
+        record.backtracks = self.max_backtracks
+        record.applied = False
+        record.reason = (f"step rolled back: even after {self.max_backtracks} halvings it moved the model's "
+                         f"predictions on this turn by KL {record.kl:.3g} > max_kl {self.max_kl}")
 
     def _update(self, policy: LoRAPolicy, responses: list[ScoredResponse], advantages: torch.Tensor,
                 record: WeightStep, apply: bool, adapter: torch.Tensor) -> None:

@@ -73,3 +73,21 @@ def test_concurrent_run_gives_the_sequential_run_records(tiny_model_dir):
 
     assert view(concurrent) == view(sequential)
     assert any(r["delta_norm"] > 0 for t in concurrent["trajectories"]["joint"] for r in t)
+
+
+def test_degenerate_detector_flags_babble_not_answers():
+    from rosa2_dspy.records import degenerate
+
+    assert degenerate("\ufffd Shant\u05b0,\n\ufffd Shant\u05b0,\n\ufffd Shant\u05b0,") == "non-text characters"
+    assert degenerate("so so so so so so so so so so so so so so") == "repetition"
+    assert degenerate("Hello\x07world") == "non-text characters"
+    for fine in ("The answer is 3000 m.", "def f(x):\n    return x + 1\n", "", "It is 12, because 7 + 5 = 12."):
+        assert degenerate(fine) == ""
+
+
+def test_summaries_count_conversations_that_end_in_degenerate_output():
+    from rosa2_dspy.records import TurnRecord, summarize
+
+    babble = TurnRecord(turn=1, mode="joint", instructions={}, outputs={"answer": "\ufffd\ufffd x \ufffd"})
+    fluent = TurnRecord(turn=1, mode="joint", instructions={}, outputs={"answer": "3000 m"})
+    assert summarize([[babble], [fluent], [fluent, babble], [babble, fluent]], 2)["degenerate_final"] == 0.5

@@ -145,6 +145,65 @@ def test_iterative_ttt_and_no_update_share_the_interface(policy, tiny_lm):
     assert optimizer.last_step.applied and not torch.equal(tiny_lm.policy.adapter_vector(), before)
 
 
+# ---------------------------------------------------------------- no step may wreck the model
+
+
+def test_divergence_is_zero_for_one_adapter_and_batched_equals_alone(policy):
+    theta = policy.adapter_vector()
+    g = torch.Generator().manual_seed(3)
+    other = theta + 0.5 * torch.randn(theta.shape, generator=g)
+    pairs = [(r.messages, r.completion) for r in responses()]
+    assert policy.divergence(pairs, theta, theta) == pytest.approx([0.0, 0.0], abs=1e-6)
+    together = policy.divergence(pairs, theta, other)
+    alone = [policy.divergence([pair], theta, other)[0] for pair in pairs]
+    assert all(kl > 0 for kl in together)
+    assert together == pytest.approx(alone, rel=1e-4)
+    # KL(p || q) by hand for the first pair, from full next-token distributions.
+    ids = policy._prompt_ids(pairs[0][0]) + policy._response_ids(pairs[0][1])
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        policy.set_adapter_vector(theta)
+        p = torch.log_softmax(policy.model(input_ids=x).logits[0, :-1].float(), -1)
+        policy.set_adapter_vector(other)
+        q = torch.log_softmax(policy.model(input_ids=x).logits[0, :-1].float(), -1)
+        policy.set_adapter_vector(theta)
+    assert together[0] == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-4)
+
+
+def test_a_wrecking_step_is_shrunk_by_backtracking_until_the_kl_bound_holds(policy):
+    before = policy.adapter_vector()
+    huge = ROSAStep(beta=0.5, ridge=1e-8, max_norm=1e6, max_kl=None).step(policy, responses(), apply=False)
+    pairs = [(responses()[0].messages, responses()[0].completion)]
+    unguarded_kl = policy.divergence(pairs, before, before + huge.delta)[0]
+    bound = unguarded_kl / 20  # a bound this step breaks twentyfold
+
+    step = ROSAStep(beta=0.5, ridge=1e-8, max_norm=1e6, max_kl=bound, max_backtracks=12).step(policy, responses())
+    assert step.applied and step.backtracks > 0
+    assert step.kl <= bound
+    assert step.delta_norm == pytest.approx(huge.delta_norm / 2**step.backtracks, rel=1e-5)
+    after = policy.adapter_vector()
+    assert torch.allclose(after - before, huge.delta / 2**step.backtracks, atol=1e-6)
+    assert policy.divergence(pairs, before, after)[0] == pytest.approx(step.kl, rel=1e-4)
+
+
+def test_a_step_that_stays_too_large_is_rolled_back_and_recorded(policy):
+    before = policy.adapter_vector()
+    step = ROSAStep(beta=0.001, ridge=1e-8, max_norm=1e6, max_kl=1e-9, max_backtracks=1).step(policy, responses())
+    assert not step.applied and step.backtracks == 1
+    assert "rolled back" in step.reason and step.kl > 1e-9
+    assert torch.equal(policy.adapter_vector(), before)
+    assert step.summary()["kl"] == step.kl
+
+
+def test_kl_bound_is_validated():
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError):
+            ROSAStep(max_kl=bad)
+    with pytest.raises(ValueError):
+        ROSAStep(max_backtracks=-1)
+    assert ROSAStep(max_kl=None).max_kl is None
+
+
 # ---------------------------------------------------------------- the teleprompter contract (issue 11, item 6)
 
 TRAINSET = [dspy.Example(question=q, answer=a).with_inputs("question")

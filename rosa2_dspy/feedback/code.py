@@ -1,20 +1,41 @@
-"""Rule-based feedback for code: run the candidate against the task's asserts in a sandboxed subprocess.
+"""Rule-based feedback for code: run the candidate in a sandbox, and judge it here.
 
-The candidate never runs in this process: a fresh ``python -I`` child in an empty temp dir executes it,
-with a wall-clock timeout, an address-space limit and a CPU-time limit, and reports per-assert results
-as JSON. Score = share of asserts passed; the feedback names the first failing assert and its error.
+The candidate never runs in this process, and nothing it writes decides its score. A fresh child
+(``python -I -S``, standard library only) executes the candidate's code and then only answers questions
+over a pipe: "is ``add`` a function?", "call ``add(2, 3)``". The test statements run *here*, against
+stand-ins that forward each call to the child and get back plain data (None, bool, int, float, complex,
+str, bytes, and lists, tuples, sets and dicts of them), decoded by a strict parser. So the comparisons,
+the count of passed asserts and the score are the checker's own: the candidate cannot forge a result file,
+rewrite or clear the tests, exit early with a good status or return an object that equals everything;
+the expected values never enter the sandbox.
+
+Where it can (Linux, root, util-linux), the child runs in its own PID, network, mount, IPC and UTS
+namespaces (``unshare``), in a root made of read-only binds of the system libraries and Python's own
+installation plus an empty ``/tmp``, as the unprivileged user ``nobody`` (``setpriv``, no capabilities,
+no new privileges). Elsewhere it falls back, with one warning, to a plain child process.
+:attr:`CodeVerifier.protections` says which protections are active; the README has what each means.
+Score = share of asserts passed; the feedback names the first failing assert and its (truncated) error.
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
+import functools
+import inspect
 import json
+import logging
 import os
+import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,58 +43,340 @@ import dspy
 
 from rosa2_dspy.feedback._common import field_text
 
+logger = logging.getLogger(__name__)
+
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.S)
+_REPLY_LIMIT = 8 * 2**20  # bytes of one answer from the child; more ends the run
+_MESSAGE_LIMIT = 300  # characters of a failure message shown in the feedback
+_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ALWAYS = frozenset({"verdict-in-parent", "clean-environment"})
+_POSIX = frozenset({"resource-limits", "process-group-kill"})
+_NAMESPACED = frozenset({"pid-namespace", "network-namespace", "private-filesystem", "unprivileged-user",
+                         "process-limit"})
+SANDBOXES = ("auto", "namespaces", "process")
 
-# Runs inside the child. Limits are set here, first thing, rather than in preexec_fn: preexec_fn is not
-# safe when the parent has threads (torch, dspy), and the child applies them before any candidate code runs.
-_RUNNER = r'''
-import ast, json, sys
-payload = json.load(open("payload.json"))
-try:
-    import resource
-    mem = payload["memory_bytes"]
-    if mem:
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    cpu = payload["cpu_seconds"]
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (2**24, 2**24))
-except (ImportError, ValueError, OSError):
-    pass
 
-def describe(exc):
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+# --- plain data across the pipe: the same functions run in the child (their source is copied there) ----------
 
-def report(data):
-    with open("result.json", "w") as f:
-        json.dump(data, f)
+def _encode(value):
+    """``value`` as JSON-ready plain data; a TypeError for anything else (subclasses included)."""
+    kind = type(value)
+    if kind is int and value.bit_length() > 4000:  # beyond what json may write in decimal
+        return {"int": hex(value)}
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if kind is list:
+        return [_encode(item) for item in value]
+    if kind in (tuple, set, frozenset):
+        return {kind.__name__: [_encode(item) for item in value]}
+    if kind is dict:
+        return {"dict": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if kind is bytes:
+        return {"bytes": value.hex()}
+    if kind is complex:
+        return {"complex": [value.real, value.imag]}
+    raise TypeError(f"a {kind.__name__} is not plain data (None, bool, int, float, complex, str, bytes, "
+                    "or lists, tuples, sets and dicts of them)")
 
-ns = {"__name__": "__main__"}
-try:
-    exec(compile(payload["code"], "solution.py", "exec"), ns)
-except BaseException as exc:
-    report({"error": describe(exc)})
-    sys.exit(0)
-entry = payload["entry_point"]
-if entry and entry not in ns:
-    report({"missing": entry})
-    sys.exit(0)
-results = []
-for test in payload["tests"]:
+
+def _untag(obj):
+    (tag, data), = obj.items()
+    makers = {"int": lambda text: int(text, 16), "tuple": tuple, "set": set, "frozenset": frozenset, "dict": dict,
+              "bytes": bytes.fromhex, "complex": lambda parts: complex(*parts)}
+    return makers[tag](data)
+
+
+def _decode(line):
+    return json.loads(line, object_hook=_untag)
+
+
+def _describe(exc):
     try:
-        exec(compile(test, "tests.py", "exec"), ns)
-        results.append(None)
-    except BaseException as exc:
-        message = describe(exc)
-        node = ast.parse(test).body[0]
-        if isinstance(exc, AssertionError) and isinstance(node.test, ast.Compare):
-            try:
-                got = repr(eval(compile(ast.Expression(node.test.left), "tests.py", "eval"), ns))
-                message += f" (got {got[:200]})"
-            except BaseException:
-                pass
-        results.append(message)
-report({"results": results})
+        text = str(exc)[:1000]
+    except BaseException:
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# Runs in the child: set the limits, then answer one JSON request per line on the pipe. The candidate may
+# take this loop over; that changes only what the child answers, never how the checker judges it.
+_SERVE = r'''
+def serve():
+    workdir, memory, cpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    requests, replies = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 0)  # the candidate's stdin and stdout are /dev/null, not the pipe
+    os.dup2(2, 1)
+    os.chdir(workdir)
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    limits = [("RLIMIT_CPU", cpu, cpu + 1), ("RLIMIT_FSIZE", 2**24, 2**24), ("RLIMIT_NPROC", 64, 64),
+              ("RLIMIT_CORE", 0, 0)] + ([("RLIMIT_AS", memory, memory)] if memory else [])
+    for name, soft, hard in limits:
+        try:
+            resource.setrlimit(getattr(resource, name), (soft, hard))
+        except (AttributeError, ValueError, OSError):
+            pass
+    namespace = {"__name__": "__main__"}
+    for line in requests:
+        try:
+            kind, arg = _decode(line)
+            if kind == "exec":
+                exec(compile(arg, "solution.py", "exec"), namespace)
+                answer = ["value", None]
+            elif kind == "get":
+                value = namespace[arg]
+                answer = ["callable", None] if callable(value) else ["value", _encode(value)]
+            else:
+                name, args, kwargs = arg
+                answer = ["value", _encode(namespace[name](*args, **kwargs))]
+            answer = json.dumps(answer)
+        except BaseException as exc:
+            answer = json.dumps(["raised", _describe(exc)])
+        replies.write(answer.encode() + b"\n")
+        replies.flush()
+    os._exit(0)
+
+serve()
 '''
+_CHILD_SOURCE = "import json, os, sys\n\n" + "\n".join(
+    inspect.getsource(f) for f in (_encode, _untag, _decode, _describe)) + _SERVE
+
+# Runs as root inside fresh namespaces: a tmpfs root with read-only binds of the system and Python dirs,
+# then chroot and drop to nobody. The mounts die with the mount namespace; nothing is left on the host.
+_SETUP = r'''
+set -eu
+root=$1 python=$2 runner=$3 memory=$4 cpu=$5
+shift 5
+umask 022
+mount -t tmpfs -o size=64m,mode=755,nosuid,nodev rosa2-sandbox "$root"
+for path in "$@"; do
+    if [ -L "$path" ]; then ln -s "$(readlink "$path")" "$root$path"
+    elif [ -d "$path" ]; then mkdir -p "$root$path" && mount --bind -o ro,nosuid,nodev "$path" "$root$path"
+    fi
+done
+mkdir -m 1777 "$root/tmp"
+exec chroot "$root" setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all \
+    --no-new-privs -- "$python" -I -S -c "$runner" /tmp "$memory" "$cpu"
+'''
+
+
+def _python() -> str:
+    """The real interpreter behind this one (a venv's python is a link to it)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _python_dirs() -> list[str]:
+    """The folders the interpreter needs that are not system folders, outermost only."""
+    exe = _python()
+    dirs = {os.path.realpath(d) for d in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.dirname(exe)))}
+    dirs = {d for d in dirs if not any(d == s or d.startswith(s + "/") for s in _SYSTEM_DIRS)}
+    return sorted(d for d in dirs if not any(d != o and d.startswith(o + "/") for o in dirs))
+
+
+def _clean_env() -> dict[str, str]:
+    env = {"PATH": _PATH if os.name == "posix" else os.defpath, "LC_ALL": "C.UTF-8"}
+    if os.name == "nt" and "SYSTEMROOT" in os.environ:  # Windows' Python cannot start without it
+        env["SYSTEMROOT"] = os.environ["SYSTEMROOT"]
+    return env
+
+
+def _child_argv(namespaced: bool, tmp: str, memory_bytes: int, cpu_seconds: int) -> list[str]:
+    limits = [str(memory_bytes), str(cpu_seconds)]
+    if not namespaced:
+        return [_python(), "-I", "-S", "-c", _CHILD_SOURCE, tmp, *limits]
+    return ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--",
+            "/bin/sh", "-c", _SETUP, "rosa2-sandbox", tmp, _python(), _CHILD_SOURCE, *limits,
+            *_SYSTEM_DIRS, *_python_dirs()]
+
+
+class _Gone(BaseException):
+    """The child stopped answering (timeout, exit, garbage); a BaseException so test code cannot catch it."""
+
+    def __init__(self, reason: str, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.timed_out = reason, timed_out
+
+
+class _CandidateError(Exception):
+    """What the candidate's code raised in the child, as its description."""
+
+
+class _Child:
+    """One sandboxed child, asked one JSON request at a time; killed, with all it started, on close."""
+
+    def __init__(self, argv: list[str], cwd: str, timeout: float) -> None:
+        self.posix = os.name == "posix"
+        self.deadline = time.monotonic() + timeout
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=_clean_env(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     start_new_session=self.posix)
+        self.replies: queue.Queue[bytes] = queue.Queue()
+        # A reader thread and a watchdog: a child that neither answers nor reads never blocks the checker.
+        threading.Thread(target=self._read, daemon=True).start()
+        self.watchdog = threading.Timer(timeout + 1.0, self.kill)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def _read(self) -> None:
+        with self.proc.stdout:
+            while True:
+                line = self.proc.stdout.readline(_REPLY_LIMIT + 1)
+                self.replies.put(line)
+                if not line.endswith(b"\n"):
+                    return
+
+    def request(self, kind: str, arg: Any) -> tuple[str, Any]:
+        """Send one request; ("value", data) | ("callable", None) | ("raised", text), or raise :class:`_Gone`."""
+        message = json.dumps([kind, _encode(arg)]).encode() + b"\n"
+        try:
+            self.proc.stdin.write(message)
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the child is gone; the reply queue says how
+        try:
+            line = self.replies.get(timeout=max(0.0, self.deadline - time.monotonic()))
+        except queue.Empty:
+            raise _Gone("timeout", timed_out=True) from None
+        if len(line) > _REPLY_LIMIT:
+            raise _Gone(f"it sent back more than {_REPLY_LIMIT // 2**20} MB at once")
+        if not line.endswith(b"\n"):
+            raise _Gone(self._exit_reason())
+        try:
+            kind, payload = _decode(line)
+            if kind not in ("value", "callable", "raised") or (kind == "raised" and not isinstance(payload, str)):
+                raise ValueError(kind)
+        except Exception:
+            raise _Gone("it wrote something other than an answer on the checker's pipe") from None
+        return kind, payload
+
+    def _exit_reason(self) -> str:
+        try:
+            code = self.proc.wait(timeout=max(0.5, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return "it closed the checker's pipe"
+        if code < 0:
+            name = signal.Signals(-code).name
+            limit = " (the CPU, memory or file-size limit?)" if name in ("SIGKILL", "SIGXCPU", "SIGXFSZ") else ""
+            return f"killed by signal {name}{limit}"
+        return f"the process exited with status {code}"
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group (and so, with namespaces, unshare and the namespace's init)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL) if self.posix else self.proc.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self, graceful: bool) -> None:
+        """Stop the child and everything it started before returning.
+
+        With namespaces, the child's init is killed first (or leaves at the end of its input), and unshare
+        returns only once the kernel has killed and reaped every process in that PID namespace. Then the
+        process group is killed: the fallback's sweep, and a no-op with namespaces.
+        """
+        self.watchdog.cancel()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        if not graceful:
+            self._kill_init()
+        try:
+            self.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+        self.proc.wait()
+
+    def _kill_init(self) -> None:
+        """SIGKILL unshare's child (the namespace's init); a plain child is killed with its group in close()."""
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            return
+        for pid in children:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@functools.cache
+def _why_no_namespaces() -> str | None:
+    """Why the namespace sandbox cannot run here, or None when a trial run works (probed once per process)."""
+    if not sys.platform.startswith("linux"):
+        return "it needs Linux"
+    if os.geteuid() != 0:
+        return "it needs root, to mount a private root and switch to the user nobody"
+    missing = [tool for tool in ("unshare", "setpriv", "chroot", "mount") if not shutil.which(tool, path=_PATH)]
+    if missing:
+        return f"{', '.join(missing)} not found (util-linux and coreutils)"
+    with tempfile.TemporaryDirectory(prefix="rosa2-code-") as tmp:
+        child = _Child(_child_argv(True, tmp, 0, 10), tmp, timeout=10.0)
+        try:
+            answer = child.request("exec", "import os\nassert os.getuid() == 65534")
+        except _Gone as gone:
+            answer = ("gone", gone.reason)
+        finally:
+            child.close(graceful=True)
+    return None if answer == ("value", None) else f"a trial run failed ({answer[1]})"
+
+
+@functools.cache
+def _warn_fallback(why: str) -> None:
+    text = (f"rosa2-dspy's code sandbox is not available ({why}); candidate code runs as a plain child "
+            "process with a clean environment and time/memory limits, but it can read your files, use the "
+            "network, signal your processes and leave processes behind. Run as root on Linux with util-linux "
+            "for the full sandbox, or pass CodeVerifier(sandbox='namespaces') to refuse to run without it.")
+    logger.warning(text)
+    warnings.warn(text, RuntimeWarning, stacklevel=4)
+
+
+def _free_names(statements: list[str], entry_point: str | None) -> list[str]:
+    """Names the tests read that are not built-ins: those the candidate's code may define."""
+    names = {node.id for s in statements for node in ast.walk(ast.parse(s))
+             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and not hasattr(builtins, node.id)}
+    return sorted(names | ({entry_point} if entry_point else set()))
+
+
+class _Remote:
+    """Stands in for one of the candidate's callables: each call runs in the child, only plain data comes back."""
+
+    def __init__(self, child: _Child, name: str) -> None:
+        self.child, self.name = child, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kind, value = self.child.request("call", [self.name, list(args), kwargs])
+        if kind == "raised":
+            raise _CandidateError(value)
+        return value
+
+    def __repr__(self) -> str:
+        return f"<{self.name} in the sandbox>"
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= _MESSAGE_LIMIT else message[:_MESSAGE_LIMIT] + "…"
+
+
+def _check(statement: str, namespace: dict[str, Any]) -> str | None:
+    """Run one test statement here; None if it passed, else its (truncated) error."""
+    try:
+        exec(compile(statement, "tests.py", "exec"), namespace)
+        return None
+    except Exception as exc:
+        message = _clip(str(exc) if isinstance(exc, _CandidateError) else _describe(exc))
+        node = ast.parse(statement).body[0]
+        if isinstance(exc, AssertionError) and isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare):
+            try:
+                got = repr(eval(compile(ast.Expression(node.test.left), "tests.py", "eval"), namespace))
+                message += f" (got {got[:200]})"
+            except Exception:
+                pass
+        return message
 
 
 def strip_fences(text: str | None) -> str:
@@ -99,14 +402,38 @@ def split_asserts(tests: str) -> list[str]:
 class CodeVerifier:
     """Feedback source for code tasks: the fraction of the example's asserts the candidate passes.
 
-    ``tests`` is a string of statements (asserts, plus optional setup lines that are not scored). On POSIX
-    the child gets ``memory_mb`` of address space; the wall-clock ``timeout`` kills its whole process group.
+    ``tests`` is a string of statements (asserts, plus optional setup lines that are not scored); they run
+    in this process (they are trusted), the candidate's code in a sandboxed child with ``memory_mb`` of
+    address space and a wall-clock ``timeout`` for the whole run. ``sandbox``: ``"auto"`` (namespaces when
+    they work here, else a plain child process and one warning), ``"namespaces"`` (refuse to run without
+    them) or ``"process"`` (always a plain child process). :attr:`protections` lists what is active.
     """
 
     def __init__(self, code_field: str = "code", tests_field: str = "tests", entry_point_field: str = "entry_point",
-                 timeout: float = 5.0, memory_mb: int | None = 512) -> None:
+                 timeout: float = 5.0, memory_mb: int | None = 512, sandbox: str = "auto") -> None:
+        if sandbox not in SANDBOXES:
+            raise ValueError(f"sandbox must be one of {SANDBOXES}, got {sandbox!r}.")
         self.code_field, self.tests_field, self.entry_point_field = code_field, tests_field, entry_point_field
-        self.timeout, self.memory_mb = timeout, memory_mb
+        self.timeout, self.memory_mb, self.sandbox = timeout, memory_mb, sandbox
+        if sandbox == "namespaces":
+            self._namespaced()
+
+    def _namespaced(self) -> bool:
+        why = "sandbox='process' was asked for" if self.sandbox == "process" else _why_no_namespaces()
+        if why is not None and self.sandbox == "namespaces":
+            raise RuntimeError(f"CodeVerifier(sandbox='namespaces'): the namespace sandbox cannot run here: {why}.")
+        if why is not None and self.sandbox == "auto":
+            _warn_fallback(why)
+        return why is None
+
+    @property
+    def protections(self) -> frozenset[str]:
+        """The protections active for this verifier's runs on this machine (see the README's table)."""
+        if self._namespaced():
+            return _ALWAYS | _POSIX | _NAMESPACED
+        if os.name != "posix":
+            return _ALWAYS
+        return _ALWAYS | _POSIX | ({"process-limit"} if os.geteuid() != 0 else set())  # root ignores RLIMIT_NPROC
 
     def __call__(self, example: Any, prediction: Any, trace: Any = None,
                  history: list[Any] | None = None) -> dspy.Prediction:
@@ -117,54 +444,59 @@ class CodeVerifier:
         statements = split_asserts(tests)
         is_assert = [isinstance(ast.parse(s).body[0], ast.Assert) for s in statements]
         code = strip_fences(field_text(prediction, self.code_field))
+        verdict = functools.partial(dspy.Prediction, protections=tuple(sorted(self.protections)))
         if not code.strip():
-            return dspy.Prediction(score=0.0, solved=False,
-                                   feedback="I could not find any code; reply with the Python function definition.")
+            return verdict(score=0.0, solved=False,
+                           feedback="I could not find any code; reply with the Python function definition.")
         outcome = self.run(code, statements, field_text(example, self.entry_point_field))
         if "error" in outcome:
-            return dspy.Prediction(score=0.0, solved=False, feedback=outcome["error"])
-        results = [r for r, scored in zip(outcome["results"], is_assert) if scored]
-        score = sum(r is None for r in results) / len(results)
-        failed = next(((s, r) for s, r in zip(statements, outcome["results"]) if r is not None), None)
-        if failed is None:
-            return dspy.Prediction(score=score, solved=True, feedback=f"All {len(results)} tests passed.")
+            return verdict(score=0.0, solved=False, feedback=outcome["error"])
+        results = [r for r, scored in zip(outcome["results"], is_assert, strict=True) if scored]
         passed = sum(r is None for r in results)
+        score = passed / len(results) if results else 0.0
+        failed = next(((s, r) for s, r in zip(statements, outcome["results"]) if r is not None), None)
+        if failed is None and results:
+            return verdict(score=score, solved=True, feedback=f"All {len(results)} tests passed.")
+        if failed is None:
+            return verdict(score=0.0, solved=False, feedback="The example has no tests to run.")
         text = f"{passed} of {len(results)} tests passed. The first failure: `{failed[0]}` raised {failed[1]}."
         if failed[1].startswith("MemoryError"):
             text += f" It ran out of memory (limit {self.memory_mb} MB)."
-        return dspy.Prediction(score=score, solved=False, feedback=text)
+        return verdict(score=score, solved=False, feedback=text)
 
     def run(self, code: str, statements: list[str], entry_point: str | None = None) -> dict[str, Any]:
-        """Run ``code`` then each statement in a sandboxed child; {"results": [None | error]} or {"error": text}."""
-        payload = {"code": code, "tests": statements, "entry_point": entry_point,
-                   "memory_bytes": self.memory_mb * 2**20 if self.memory_mb else None,
-                   "cpu_seconds": max(1, int(self.timeout) + 1)}
+        """Load ``code`` in a sandboxed child, then run each statement here against it.
+
+        Returns {"results": [None | error text, one per statement]} or {"error": text}.
+        """
+        namespaced = self._namespaced()
+        memory = self.memory_mb * 2**20 if self.memory_mb else 0
+        cpu = max(1, int(self.timeout) + 1)
         with tempfile.TemporaryDirectory(prefix="rosa2-code-") as tmp:
-            Path(tmp, "payload.json").write_text(json.dumps(payload))
-            Path(tmp, "runner.py").write_text(_RUNNER)
-            posix = os.name == "posix"
-            with open(Path(tmp, "stderr.txt"), "wb") as err:
-                proc = subprocess.Popen([sys.executable, "-I", "runner.py"], cwd=tmp, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=err, start_new_session=posix)
-                try:
-                    proc.wait(timeout=self.timeout)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL) if posix else proc.kill()
-                    proc.wait()
+            child = _Child(_child_argv(namespaced, tmp, memory, cpu), tmp, self.timeout)
+            graceful = True
+            try:
+                return self._judge(child, code, statements, entry_point)
+            except _Gone as gone:
+                graceful = False
+                if gone.timed_out:
                     return {"error": f"Your code did not finish within {self.timeout:g} s; look for an infinite "
                                      "loop or a far too slow algorithm."}
-            result = Path(tmp, "result.json")
-            outcome = json.loads(result.read_text()) if result.exists() else None
-            stderr = Path(tmp, "stderr.txt").read_bytes()[-2000:].decode(errors="replace")
-        if outcome is None:
-            last = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-            if proc.returncode < 0:
-                last = [f"killed by signal {signal.Signals(-proc.returncode).name} (a CPU, memory or file-size limit?)"]
-            return {"error": f"Your code crashed before reporting any result: {last[0]}."}
-        if "missing" in outcome:
-            return {"error": f"Your code does not define `{outcome['missing']}`; name the function exactly that."}
-        if outcome.get("error", "").startswith("MemoryError"):
-            outcome["error"] = f"Your code ran out of memory (limit {self.memory_mb} MB): {outcome['error']}."
-        elif "error" in outcome:
-            outcome["error"] = f"Your code failed to run: {outcome['error']}."
-        return outcome
+                return {"error": f"Your code stopped the checker's run: {gone.reason}."}
+            finally:
+                child.close(graceful)
+
+    def _judge(self, child: _Child, code: str, statements: list[str], entry_point: str | None) -> dict[str, Any]:
+        kind, loaded = child.request("exec", code)
+        if kind == "raised":
+            if loaded.startswith("MemoryError"):
+                return {"error": f"Your code ran out of memory (limit {self.memory_mb} MB): {_clip(loaded)}."}
+            return {"error": f"Your code failed to run: {_clip(loaded)}."}
+        namespace: dict[str, Any] = {"__name__": "tests"}
+        for name in _free_names(statements, entry_point):
+            kind, value = child.request("get", name)
+            if kind != "raised":
+                namespace[name] = _Remote(child, name) if kind == "callable" else value
+        if entry_point and entry_point not in namespace:
+            return {"error": f"Your code does not define `{entry_point}`; name the function exactly that."}
+        return {"results": [_check(statement, namespace) for statement in statements]}
