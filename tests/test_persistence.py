@@ -306,3 +306,16 @@ def test_rosa2s_own_pickle_forms_round_trip_through_the_checked_loader(tiny_lm, 
     restored = make(tiny_lm).load(tmp_path / "state.pkl", allow_pickle=True)
     assert restored.sessions["alice"].instructions == rosa2.sessions["alice"].instructions
     assert torch.equal(restored.sessions["alice"].adapter, rosa2.sessions["alice"].adapter)
+
+
+def test_dump_state_and_load_state_carry_sessions_the_dspy_way(tiny_lm):
+    rosa2 = adapted(tiny_lm)
+    state = rosa2.dump_state()  # DSPy's Module.dump_state: one entry per named parameter
+    assert set(state) >= {"program.predict", "adaptation"}
+    target = make(tiny_lm)
+    target.load_state(json.loads(json.dumps(state)))
+    assert target.sessions["alice"].instructions == rosa2.sessions["alice"].instructions
+    assert torch.equal(target.sessions["alice"].adapter, rosa2.sessions["alice"].adapter)
+    state["adaptation"]["sessions"]["alice"]["axis"] = "sideways"
+    with pytest.raises(AdapterLoadError, match="checksum"):
+        make(tiny_lm).load_state(state)
