@@ -24,10 +24,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import queue
 import threading
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,10 @@ from typing import Any
 
 import dspy
 import torch
-from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
+from dspy.lm15 import (Message, Response, StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta,
+                       TextPart, Usage)
 
-from rosa2_dspy.engine import Batcher, DivergenceRow, GenerationRow, LogProb, ScoreRow
+from rosa2_dspy.engine import Batcher, DivergenceRow, Generation, GenerationRow, LogProb, ScoreRow
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.multi_lora import MultiLoRA
 
@@ -73,6 +75,30 @@ def lm_scope(adapter: torch.Tensor | None = None, record: list | None = None) ->
     finally:
         _RECORD.reset(tokens[1])
         _ADAPTER.reset(tokens[0])
+
+
+def _stop_index(text: str, stop: Sequence[str]) -> int | None:
+    """Where ``text`` ends at its first stop string, if it holds one."""
+    return min((text.index(s) for s in stop if s and s in text), default=None)
+
+
+class _Detokenizer:
+    """Token ids in, text out, a piece at a time: transformers' ``TextStreamer`` logic (never half a multi-byte
+    character or a word still being spelt), collected instead of printed."""
+
+    def __init__(self, tokenizer: Any, lock: threading.Lock) -> None:
+        from transformers import TextStreamer
+
+        self._lock, self._pieces = lock, []
+        self._streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+        self._streamer.on_finalized_text = lambda text, stream_end=False: self._pieces.append(text)
+
+    def push(self, token: int | None) -> str:
+        """The text that ``token`` completes (``None``: the end, flush what is left)."""
+        with self._lock:  # the tokenizer is shared; see LoRAPolicy._text_ids
+            self._streamer.put(torch.tensor([token])) if token is not None else self._streamer.end()
+        text, self._pieces = "".join(self._pieces), []
+        return text
 
 
 @dataclass
@@ -321,12 +347,70 @@ class LoRAPolicy:
         prompt = self._prompt_ids(messages)
         row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed)
         out = self.batcher.generate([row])[0]
-        text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
+        return self._result(out, stop, len(prompt))
+
+    def generate_stream(
+        self,
+        messages: ChatMessages,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float | None = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        adapter: torch.Tensor | None = None,
+    ) -> Generator[str, None, tuple[str, int, int, str]]:
+        """:meth:`generate`, yielding the answer's text as the tokens are chosen; the generator's return value
+        is :meth:`generate`'s tuple, whose text is the yielded pieces joined.
+
+        The row is batched with whatever else is in flight, like any other; only it pays for streaming (a
+        queue put per token on the batcher's thread), and the stream ends when the row does, not when its
+        batch mates do. Decoding happens here, with transformers' ``TextStreamer``, so a piece never ends
+        inside a multi-byte character. Text that could be the start of a ``stop`` string is held back until
+        it is known not to be one.
+        """
+        prompt = self._prompt_ids(messages)
+        tokens: queue.SimpleQueue = queue.SimpleQueue()
+        row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed,
+                            on_token=lambda index, token: tokens.put((index, token)))
+        (future,) = self.batcher.submit("generate", [row])
+        future.add_done_callback(lambda _: tokens.put(None))
+        decoder = _Detokenizer(self.tokenizer, self._tokenizer_lock)
+        holdback = max((len(s) - 1 for s in stop if s), default=0)
+        text, sent, ids, finished = "", 0, [], False
+        while not finished and (item := tokens.get()) is not None:
+            index, token = item
+            if index < len(ids):  # a failed batched pass is rerun alone: its tokens come again
+                continue
+            ids.append(token)
+            text += decoder.push(token)
+            cut = _stop_index(text, stop)
+            end = cut if cut is not None else len(text) - holdback
+            if end > sent:
+                yield text[sent:end]
+                sent = end
+            # The row is done (the engine's own rule); its batch mates may not be, and need not be waited for.
+            finished = token == self.tokenizer.eos_token_id or len(ids) >= max(max_new_tokens, 1)
+        # Without the row's last token, the pass ended early: the future holds its error.
+        out = Generation(ids, "stop" if ids[-1] == self.tokenizer.eos_token_id else "length") if finished \
+            else future.result()[0]
+        final, n_in, n_out, finish = self._result(out, stop, len(prompt))
+        if final.startswith(text[:sent]):
+            if len(final) > sent:
+                yield final[sent:]
+        else:  # not seen with byte-level tokenizers; the caller has the streamed text, keep it
+            logger.warning("Streamed text differs from the decoded answer; keeping the streamed text.")
+            final = text[:sent]
+        return final, n_in, n_out, finish
+
+    def _result(self, out: Any, stop: Sequence[str], n_prompt: int) -> tuple[str, int, int, str]:
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
         finish = out.finish_reason
-        for s in stop:
-            if s and s in text:
-                text, finish = text[: text.index(s)], "stop"
-        return text, len(prompt), len(out.tokens), finish
+        cut = _stop_index(text, stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        return text, n_prompt, len(out.tokens), finish
 
     def _adapter_or_own(self, adapter: torch.Tensor | None) -> torch.Tensor:
         if adapter is None:
@@ -509,11 +593,9 @@ class LocalEngine:
         messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
         return messages
 
-    def complete(self, request: Any) -> Response:
+    def _generation(self, request: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
         config = request.config
-        messages = self.chat_messages(request)
-        text, n_in, n_out, finish = self.policy.generate(
-            messages,
+        return self.chat_messages(request), dict(
             max_new_tokens=config.max_tokens or 256,
             temperature=config.temperature,
             top_p=config.top_p,
@@ -521,26 +603,45 @@ class LocalEngine:
             stop=config.stop or (),
             adapter=_ADAPTER.get(),
         )
+
+    def _end(self, messages: list[dict[str, str]], text: str, n_in: int, n_out: int) -> Usage:
         record = _RECORD.get()
         if record is not None:
             record.append(RawCompletion(messages, text, n_in, n_out))
+        return Usage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
+
+    def complete(self, request: Any) -> Response:
+        messages, settings = self._generation(request)
+        text, n_in, n_out, finish = self.policy.generate(messages, **settings)
         return Response(
             id=None,
             model=self.model_name,
             message=Message.assistant([TextPart(text)]),
             finish_reason=finish,
-            usage=Usage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out),
+            usage=self._end(messages, text, n_in, n_out),
         )
 
-    def stream(self, request: Any):
-        return response_to_events(self.complete(request))
+    def stream(self, request: Any) -> Iterator[StreamStartEvent | StreamDeltaEvent | StreamEndEvent]:
+        """The answer as lm15 stream events while it is generated: a start, a text delta per decoded piece,
+        an end with the finish reason and usage (DSPy's streaming path, ``dspy.streamify``, reads these)."""
+        messages, settings = self._generation(request)
+        pieces = self.policy.generate_stream(messages, **settings)
+        yield StreamStartEvent(model=self.model_name)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as done:
+                text, n_in, n_out, finish = done.value
+                break
+            yield StreamDeltaEvent(delta=TextDelta(text=piece))
+        yield StreamEndEvent(finish_reason=finish, usage=self._end(messages, text, n_in, n_out))
 
     def close(self) -> None:
         pass
 
 
 class AsyncLocalEngine:
-    """DSPy's async engine contract (``async def complete``) over :class:`LocalEngine`.
+    """DSPy's async engine contract (``async def complete``, ``stream``) over :class:`LocalEngine`.
 
     The call runs on a thread (``asyncio.to_thread`` keeps the task's context, so its adapter and record
     scope hold), where the batcher joins it with whatever else is in flight: many coroutines awaiting
@@ -553,8 +654,10 @@ class AsyncLocalEngine:
     async def complete(self, request: Any) -> Response:
         return await asyncio.to_thread(self.engine.complete, request)
 
-    async def stream(self, request: Any):
-        for event in response_to_events(await self.complete(request)):
+    async def stream(self, request: Any) -> AsyncIterator[StreamStartEvent | StreamDeltaEvent | StreamEndEvent]:
+        # The sync stream, advanced on a thread one event at a time (each hop keeps the task's context).
+        events, done = self.engine.stream(request), object()
+        while (event := await asyncio.to_thread(next, events, done)) is not done:
             yield event
 
     async def close(self) -> None:
