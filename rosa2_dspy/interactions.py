@@ -11,7 +11,8 @@ answer *and* the trajectory. Three small pieces give exactly that without changi
   in a session of its own (words and weights adapt inside) and returns the final prediction's fields plus
   ``trajectory`` (one :class:`~rosa2_dspy.records.TurnRecord` per turn), ``solved``, ``turns``;
 * metrics on that prediction: :func:`solved` (was the task solved within the turns), or :func:`on_task`
-  to apply any ordinary task metric to the final answer; a custom metric gets ``prediction.trajectory``.
+  to apply any ordinary task metric to the final answer; a metric of your own reads the interaction with
+  :func:`result_of` (``result_of(prediction).trajectory``, ``.solved``, ``.turns``, ``.session_id``).
 
 ``num_threads`` works as usual: one ROSA2 instance serves every thread, each interaction in its own
 session, their model work batched together; greedy decoding gives the same results as a sequential run.
@@ -37,6 +38,13 @@ if TYPE_CHECKING:
     from rosa2_dspy.rosa2 import ROSA2
 
 
+def result_of(prediction: Any) -> Any:
+    """What an interaction did (``trajectory``, ``solved``, ``turns``, ``session_id``), from the prediction
+    :meth:`ROSA2.interact` returned: its reserved ``rosa2`` attribute where it has one, else its fields."""
+    result = getattr(prediction, "rosa2", None)
+    return result if result is not None and hasattr(result, "trajectory") else prediction
+
+
 class Interaction(dspy.Module):
     """One whole interaction per call, as a DSPy program: ``forward(example)`` -> ``rosa2.interact(example)``.
 
@@ -57,10 +65,10 @@ class Interaction(dspy.Module):
     def forward(self, example: dspy.Example) -> dspy.Prediction:
         if not isinstance(example, dspy.Example):
             raise TypeError("Interaction(rosa2) takes example=<dspy.Example>; wrap a devset with as_interactions().")
-        result = self.rosa2.interact(example, max_turns=self.max_turns)
+        prediction = self.rosa2.interact(example, max_turns=self.max_turns)
         if not self.keep_sessions:
-            self.rosa2.end_session(result.session_id)
-        return result
+            self.rosa2.end_session(result_of(prediction).session_id)
+        return prediction
 
 
 def as_interactions(devset: Sequence[dspy.Example]) -> list[dspy.Example]:
@@ -70,7 +78,7 @@ def as_interactions(devset: Sequence[dspy.Example]) -> list[dspy.Example]:
 
 def solved(example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> float:
     """1.0 when the interaction solved its task (by the feedback source's verdict), else 0.0."""
-    return float(bool(prediction.get("solved")))
+    return float(bool(getattr(result_of(prediction), "solved", False)))
 
 
 def on_task(metric: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,7 +100,7 @@ def on_task(metric: Callable[..., Any]) -> Callable[..., Any]:
 
 def per_turn(result: Any, max_turns: int) -> dict[str, Any]:
     """The per-turn metrics (``rosa2_dspy.records.summarize``) of an evaluation over interactions."""
-    trajectories = [prediction.get("trajectory") or [] for _, prediction, _ in result.results]
+    trajectories = [getattr(result_of(prediction), "trajectory", None) or [] for _, prediction, _ in result.results]
     return summarize(trajectories, max_turns)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from dspy.utils.dummies import DummyLM
 
-from rosa2_dspy.interactions import Interaction, as_interactions, on_task, per_turn, solved
+from rosa2_dspy.interactions import Interaction, as_interactions, on_task, per_turn, result_of, solved
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep
 
@@ -45,14 +45,16 @@ def build(lm):
 
 def fewer_turns_is_better(example, prediction, trace=None):
     """A metric on the final answer and the trajectory."""
-    assert prediction.trajectory[-1].outputs["answer"] == prediction.answer
-    return float(prediction.solved) / prediction.turns
+    interaction = result_of(prediction)
+    assert interaction.trajectory[-1].outputs["answer"] == prediction.answer
+    return float(interaction.solved) / interaction.turns
 
 
 def view(result):
     return [(example.example.question, score, [(r.turn, r.reward, r.solved, r.outputs, r.instructions,
                                                 r.refined_instructions, r.delta_norm,
-                                                r.weights and r.weights["applied"]) for r in prediction.trajectory])
+                                                r.weights and r.weights["applied"])
+                                               for r in result_of(prediction).trajectory])
             for example, prediction, score in result.results]
 
 
@@ -65,7 +67,7 @@ def test_evaluate_with_threads_over_interactions_equals_the_sequential_run(tiny_
                              display_progress=False)(rosa2.as_interaction())
     assert view(threaded) == view(sequential)
     assert [score for *_, score in sequential.results] == [1.0, 0.5, 1 / 3, 0.0]
-    first = sequential.results[1][1].trajectory[0]
+    first = result_of(sequential.results[1][1]).trajectory[0]
     assert first.weights["applied"] and first.refined_instructions == {"self": "Reply with one number."}
     assert rosa2.sessions == {}  # each interaction ran in a session of its own, ended afterwards
     assert per_turn(threaded, 3)["accuracy_per_turn"] == [0.25, 0.5, 0.75]
