@@ -106,6 +106,10 @@ def _snapshot(rosa2: "ROSA2") -> tuple[dict[str, Any], dict[str, torch.Tensor | 
                           for t in s.turns],
             }
             adapters[sid] = None if s.adapter is None else s.adapter.clone()
+    if rosa2.policy is None and any(a is not None for a in adapters.values()):
+        raise TypeError(  # the adapters would be lost
+            "Saving the sessions' adapters needs the LocalLM they belong to, and none is set: save under "
+            "dspy.context(lm=LocalLM(...)) / dspy.configure(lm=...), or pass ROSA2(..., lm=LocalLM(...)).")
     return json.loads(json.dumps(state, default=str)), adapters
 
 
@@ -351,6 +355,11 @@ def _plan(rosa2: "ROSA2", state: Any, path: Any,
           read_adapter: Callable[[str], torch.Tensor]) -> dict[str, Any]:
     """Check a state's fields against ``rosa2``; return what to apply. ``read_adapter(sid)`` reads and
     checks a session's adapter (called only when ``rosa2`` has a policy)."""
+    from rosa2_dspy.rosa2 import _WEIGHT_MODES
+
+    if rosa2.policy is None and rosa2.mode in _WEIGHT_MODES:
+        raise AdapterLoadError(f"Loading {path} in mode {rosa2.mode!r} reads adapters into the actor's LocalLM, and "
+                               "none is set: load under dspy.context(lm=LocalLM(...)) or give ROSA2 an lm.")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise AdapterLoadError(f"{path}: unsupported ROSA2 state version {state.get('version') if isinstance(state, dict) else None}.")
     original = state["original_instructions"]
