@@ -139,7 +139,7 @@ def run_experiment(config: dict[str, Any], progress: bool = True) -> dict[str, A
     def converse(job: tuple[str, int]) -> Any:
         mode, i = job
         result = modules[mode].interact(examples[i])
-        modules[mode].end_session(result.session_id)  # every interaction starts from θ0 and the original words
+        modules[mode].end_session(result.rosa2.session_id)  # every interaction starts from θ0 and the original words
         return result
 
     start = time.perf_counter()
@@ -151,7 +151,7 @@ def run_experiment(config: dict[str, Any], progress: bool = True) -> dict[str, A
     wall = time.perf_counter() - start
     summaries, trajectories, theorem = {}, {}, {}
     for mode in modules:
-        runs = [results[(mode, i)].trajectory for i in range(len(examples))]
+        runs = [results[(mode, i)].rosa2.trajectory for i in range(len(examples))]
         summaries[mode] = summarize(runs, max_turns)
         trajectories[mode] = [[r.to_dict() for r in t] for t in runs]
         if mode == "joint":

@@ -73,16 +73,38 @@ class ConversationAdapter(LenientChatAdapter):
     """Static mode's context: earlier turns and their feedback replayed as chat messages.
 
     For each predictor, its own earlier inputs/outputs become user/assistant turns, each later user turn
-    starting with the feedback the previous answer got.
+    starting with the feedback the previous answer got. A predictor's turns are found by its signature
+    (``id``), else, for a signature a module derived from it (``dspy.Refine`` appends a ``hint_`` input),
+    by its instructions and output fields when those name one predictor.
+
+    :meth:`bound` puts the turns on a class of their own, so a module that re-creates the configured
+    adapter from its class (``dspy.Refine``: ``class Wrapper(adapter.__class__)``, then ``Wrapper()``)
+    keeps the conversation.
     """
 
-    def __init__(self, turns_by_signature: dict[int, list[tuple[dict, dict, str]]], **kwargs: Any) -> None:
+    turns_by_signature: dict[int, list[tuple[dict, dict, str]]] = {}
+    turns_by_words: dict[tuple, list[tuple[dict, dict, str]]] = {}
+
+    def __init__(self, turns_by_signature: dict[int, list[tuple[dict, dict, str]]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.turns_by_signature = turns_by_signature
+        if turns_by_signature is not None:
+            self.turns_by_signature = turns_by_signature
+
+    @classmethod
+    def bound(cls, turns: list[tuple[Any, list[tuple[dict, dict, str]]]]) -> "ConversationAdapter":
+        """An adapter for ``turns``: ``(signature, its predictor's earlier turns)`` per predictor."""
+        by_words: dict[tuple, list] = {}
+        for signature, past in turns:
+            key = _words(signature)
+            by_words[key] = None if key in by_words else past  # None: two predictors share the key
+        attributes = {"turns_by_signature": {id(signature): past for signature, past in turns},
+                      "turns_by_words": {k: v for k, v in by_words.items() if v is not None}}
+        return type(cls.__name__, (cls,), attributes)()
 
     def format(self, signature: Any, demos: list, inputs: dict) -> list[dict[str, Any]]:
         messages = super().format(signature, demos, inputs)
-        turns = self.turns_by_signature.get(id(signature), [])
+        turns = self.turns_by_signature.get(id(signature)) or self.turns_by_words.get(_words(signature), [])
         if not turns:
             return messages
         conversation, previous_feedback = [], ""
@@ -96,6 +118,10 @@ class ConversationAdapter(LenientChatAdapter):
         last = dict(messages[-1])
         last["content"] = _with_feedback(previous_feedback, last["content"])
         return messages[:-1] + conversation + [last]
+
+
+def _words(signature: Any) -> tuple:
+    return signature.instructions, tuple(signature.output_fields)
 
 
 def _with_feedback(feedback: str, content: str) -> str:

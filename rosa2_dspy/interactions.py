@@ -8,11 +8,13 @@ answer *and* the trajectory. Three small pieces give exactly that without changi
 * :func:`as_interactions` wraps each task as ``dspy.Example(example=task).with_inputs("example")``, so the
   whole task (labels included) reaches the program;
 * :class:`Interaction` is the program: ``Interaction(rosa2)(example=task)`` runs ``rosa2.interact(task)``
-  in a session of its own (words and weights adapt inside) and returns the final prediction's fields plus
-  ``trajectory`` (one :class:`~rosa2_dspy.records.TurnRecord` per turn), ``solved``, ``turns``;
+  in a session of its own (words and weights adapt inside) and returns the final prediction: the program's
+  fields, and ROSA2's data under ``prediction.rosa2`` (``trajectory``: one
+  :class:`~rosa2_dspy.records.TurnRecord` per turn, ``solved``, ``turns``, ``session_id``);
 * metrics on that prediction: :func:`solved` (was the task solved within the turns), or :func:`on_task`
-  to apply any ordinary task metric to the final answer; a metric of your own reads the interaction with
-  :func:`result_of` (``result_of(prediction).trajectory``, ``.solved``, ``.turns``, ``.session_id``).
+  to apply any ordinary task metric to the final answer; a metric of your own reads the interaction as
+  ``prediction.rosa2.trajectory`` (or :func:`result_of(prediction) <result_of>`, which also reads older
+  predictions that carried these as fields).
 
 ``num_threads`` works as usual: one ROSA2 instance serves every thread, each interaction in its own
 session, their model work batched together; greedy decoding gives the same results as a sequential run.

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import dspy
+
 PHASES = ("generate", "feedback", "words", "weights")
 
 
@@ -32,6 +34,27 @@ class TurnRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class InteractionResult:
+    """What one :meth:`ROSA2.interact` did: the per-turn records, whether it was solved, in how many turns."""
+
+    trajectory: list[TurnRecord]
+    solved: bool
+    turns: int
+    session_id: str
+
+
+class InteractionPrediction(dspy.Prediction):
+    """The last answer of an interaction: the wrapped program's own fields, untouched (ReAct's ``trajectory``
+    included), plus ROSA2's data under the one reserved attribute ``rosa2`` (an :class:`InteractionResult`).
+
+    ``rosa2`` is an attribute, not a field: ``items()``, ``keys()`` and ``toDict()`` hold the program's
+    fields only, so a metric or ``dspy.Evaluate`` sees exactly what the program answered.
+    """
+
+    rosa2: InteractionResult | None = None  # a class attribute: DSPy then stores it as an attribute, not a field
 
 
 def degenerate(text: str) -> str:
