@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
 import threading
+import uuid
+import weakref
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -181,6 +184,10 @@ class LoRAPolicy:
         self._tokenizer_lock = threading.Lock()
         self.multi_lora = MultiLoRA(self.model, self._params)
         self.batcher = Batcher(self)
+        # Pickling (``save_program=True``) writes a handle, never the model: see :meth:`__reduce__`.
+        self.key = uuid.uuid4().hex
+        self.source: str | None = None  # what from_pretrained loaded, to rebuild the model in another process
+        _LIVE_POLICIES[self.key] = self
 
     # ------------------------------------------------------------------ construction
 
@@ -217,11 +224,29 @@ class LoRAPolicy:
         else:
             base = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, **model_kwargs)
             tokenizer = AutoTokenizer.from_pretrained(model)
-        return cls(base, tokenizer, lora=lora, device=device, dtype=torch_dtype)
+        policy = cls(base, tokenizer, lora=lora, device=device, dtype=torch_dtype)
+        if not model_kwargs:
+            policy.source = str(model)
+        return policy
 
     def __deepcopy__(self, memo: dict) -> "LoRAPolicy":
         # A model handle is shared, not copied (DSPy treats local model handles the same way).
         return self
+
+    def __reduce__(self):
+        """Pickle a *handle*, not the model (weights, locks and batching threads stay out of the pickle).
+
+        Unpickled in the process that holds this policy, the handle re-attaches to it (the same object, as
+        ``copy.deepcopy`` does). Elsewhere the model is rebuilt with :meth:`from_pretrained` from the name
+        or folder it was loaded from, with the same LoRA settings, and given the adapter it had when pickled
+        (carried as safetensors bytes). A policy built from an in-memory model has no such name: it can
+        only be re-attached in its own process. ``dspy.Module.save(..., save_program=True)`` relies on this.
+        """
+        with self.lock:
+            adapter = None if torch.equal(self.adapter_vector(), self._initial) else self.adapter_files()
+        recipe = {"source": self.source, "lora": dataclasses.asdict(self.lora), "device": str(self.device),
+                  "dtype": str(self.dtype).removeprefix("torch."), "adapter": adapter}
+        return _attach_policy, (self.key, recipe)
 
     # ------------------------------------------------------------------ adapter as a vector
 
@@ -453,10 +478,6 @@ class LoRAPolicy:
 
         Raises :class:`AdapterLoadError` for a missing, corrupt, mismatched or non-finite adapter.
         """
-        from peft.utils import get_peft_model_state_dict
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         weights, config_path = directory / "adapter_model.safetensors", directory / "adapter_config.json"
         if not weights.is_file() or not config_path.is_file():
@@ -466,18 +487,41 @@ class LoRAPolicy:
                 "Pickled .bin adapters are not accepted."
             )
         try:
-            saved_config = json.loads(config_path.read_text())
-            state = load_file(str(weights))
-        except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as err:
-            raise AdapterLoadError(f"The adapter in {directory} is corrupt ({err}); save it again.") from err
+            config, data = config_path.read_bytes(), weights.read_bytes()
+        except OSError as err:
+            raise AdapterLoadError(f"The adapter in {directory} is unreadable ({err}); save it again.") from err
+        return self.read_adapter_bytes(config, data, where=str(directory))
+
+    def adapter_files(self, vector: torch.Tensor | None = None) -> dict[str, bytes]:
+        """The files :meth:`save_adapter` writes (``adapter_config.json``, ``adapter_model.safetensors``), as bytes."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_adapter(tmp, vector=vector)
+            return {name: (Path(tmp) / name).read_bytes()
+                    for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+    def read_adapter_bytes(self, config: bytes, weights: bytes, where: str = "the adapter") -> torch.Tensor:
+        """:meth:`read_adapter` on the two files' contents (e.g. carried inside a JSON state): same checks."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            saved_config = json.loads(config)
+            state = load_safetensors(bytes(weights))
+            if not isinstance(saved_config, dict):
+                raise ValueError("adapter_config.json is not an object")
+        except (SafetensorError, json.JSONDecodeError, OSError, ValueError, TypeError) as err:
+            raise AdapterLoadError(f"The adapter in {where} is corrupt ({err}); save it again.") from err
         if int(saved_config.get("r", -1)) != self.lora.rank:
             raise AdapterLoadError(
-                f"The adapter in {directory} has LoRA rank {saved_config.get('r')}, this model uses "
+                f"The adapter in {where} has LoRA rank {saved_config.get('r')}, this model uses "
                 f"rank {self.lora.rank}; build the LocalLM with the adapter's LoRA settings."
             )
         if float(saved_config.get("lora_alpha", -1)) != float(self.lora.alpha):
             raise AdapterLoadError(
-                f"The adapter in {directory} has lora_alpha {saved_config.get('lora_alpha')}, this model uses "
+                f"The adapter in {where} has lora_alpha {saved_config.get('lora_alpha')}, this model uses "
                 f"{self.lora.alpha}; its scaling would differ. Build the LocalLM with the adapter's LoRA settings."
             )
         expected = get_peft_model_state_dict(self.model)
@@ -485,7 +529,7 @@ class LoRAPolicy:
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise AdapterLoadError(
-                f"The adapter in {directory} does not match this model (missing {missing[:3]}, "
+                f"The adapter in {where} does not match this model (missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}); it was saved for another model or LoRA target modules."
             )
         for key, tensor in expected.items():
@@ -495,7 +539,7 @@ class LoRAPolicy:
                     f"{tuple(tensor.shape)}; it was saved for another model."
                 )
             if not torch.isfinite(state[key]).all():
-                raise AdapterLoadError(f"Adapter tensor {key} in {directory} holds NaN/inf; refusing it.")
+                raise AdapterLoadError(f"Adapter tensor {key} in {where} holds NaN/inf; refusing it.")
         # Map PEFT's saved keys (no adapter name) back onto our parameter order.
         names = [name.replace(".default", "") for name, _ in self._named_adapter_parameters()]
         return torch.cat([state[name].reshape(-1).float() for name in names])
@@ -503,6 +547,32 @@ class LoRAPolicy:
     def load_adapter(self, directory: str | Path) -> None:
         """Load a saved adapter into the model (validated first, so a bad file changes nothing)."""
         self.set_adapter_vector(self.read_adapter(directory))
+
+
+_LIVE_POLICIES: "weakref.WeakValueDictionary[str, LoRAPolicy]" = weakref.WeakValueDictionary()
+
+
+def _attach_policy(key: str, recipe: dict[str, Any]) -> LoRAPolicy:
+    """Unpickle a :class:`LoRAPolicy` handle (see ``LoRAPolicy.__reduce__``)."""
+    live = _LIVE_POLICIES.get(key)
+    if live is not None:
+        return live
+    if not recipe.get("source"):
+        raise RuntimeError(
+            "This pickle refers to a LocalLM whose model was built in memory in another process, so it cannot be "
+            "rebuilt here. Build the LocalLM from a model name or folder (LocalLM('embedded'), LocalLM('path/')) "
+            "to load saved programs in a new process."
+        )
+    policy = LoRAPolicy.from_pretrained(recipe["source"], lora=LoRASettings(**recipe["lora"]),
+                                        device=recipe["device"], dtype=recipe["dtype"])
+    if recipe.get("adapter"):
+        files = recipe["adapter"]
+        policy.set_adapter_vector(policy.read_adapter_bytes(files["adapter_config.json"],
+                                                            files["adapter_model.safetensors"], "the pickled adapter"))
+    _LIVE_POLICIES.pop(policy.key, None)
+    policy.key = key
+    _LIVE_POLICIES[key] = policy  # later handles in this process attach to it
+    return policy
 
 
 class LocalEngine:

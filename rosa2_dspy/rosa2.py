@@ -153,6 +153,7 @@ class ROSA2(dspy.Module):
         self.switch_patience = switch_patience
         self.compare_words = compare_words
         self.store = SessionStore(self._fresh_state)
+        self.adaptation = persistence.AdaptationState(self)  # the sessions, as a DSPy parameter (save/load)
 
     @property
     def feedback_fn(self) -> FeedbackFn | None:
@@ -492,6 +493,20 @@ class ROSA2(dspy.Module):
                                          turns=len(trajectory), session_id=session_id)
         return result
 
+    def as_interaction(self, max_turns: int | None = None, keep_sessions: bool = False) -> dspy.Module:
+        """This module as a DSPy program that runs one whole interaction per call, for ``dspy.Evaluate``
+        (see ``rosa2_dspy.interactions``)."""
+        from rosa2_dspy.interactions import Interaction
+
+        return Interaction(self, max_turns=max_turns, keep_sessions=keep_sessions)
+
+    def evaluate(self, devset: list[dspy.Example], metric: Any = None, **kwargs: Any) -> Any:
+        """``dspy.Evaluate`` over whole interactions, each example its own session; the result carries the
+        per-turn metrics as ``summary`` (see ``rosa2_dspy.interactions.evaluate``)."""
+        from rosa2_dspy.interactions import evaluate
+
+        return evaluate(self, devset, metric, **kwargs)
+
     # ------------------------------------------------------------------ async twins
 
     async def aforward(self, **inputs: Any) -> dspy.Prediction:
@@ -514,22 +529,59 @@ class ROSA2(dspy.Module):
 
     # ------------------------------------------------------------------ saving and loading
 
-    def save(self, path: str | Path, **_: Any) -> Path:
-        """Save the program's state and every session (instructions, turns, adapter) to a folder.
+    def save(self, path: str | Path, save_program: bool = False, modules_to_serialize: list | None = None) -> Path:
+        """Save the program's state and every session (instructions, turns, adapter), DSPy's way.
 
-        ``state.json`` holds the program state (DSPy's ``dump_state``) and the sessions; each session's
-        adapter is a PEFT folder (``adapter_model.safetensors`` + ``adapter_config.json``). Adapters are
-        written through the actor's model: with ``lm=None``, save under the LocalLM you configured.
+        * ``save("rosa2.json")``: the state in ``rosa2.json``, the adapters beside it in ``rosa2.adapters/``;
+        * ``save("folder/")`` (no ``.json`` suffix): a folder with ``state.json``, ``adapters/<session>/``
+          and a manifest (see ``rosa2_dspy.persistence``);
+        * ``save("rosa2.pkl")`` and ``save("dir", save_program=True)``: DSPy's pickle forms; the model is
+          pickled as a handle and the adapters as safetensors bytes.
+
+        Each adapter is a PEFT folder's files (``adapter_model.safetensors`` + ``adapter_config.json``).
+        A parent program that contains this module saves the same state through its own ``save``. Adapters
+        are written through the actor's model: with ``lm=None``, save under the LocalLM you configured.
         """
-        if self.policy is None and any(s.adapter is not None for s in self.sessions.values()):
-            raise TypeError(  # the adapters would be lost
-                "Saving the sessions' adapters needs the LocalLM they belong to, and none is configured: call save() "
-                "under dspy.context(lm=LocalLM(...)) / dspy.configure(lm=...), or pass ROSA2(..., lm=LocalLM(...))."
-            )
-        return persistence.save(self, path)
+        if save_program or Path(path).suffix == ".pkl":
+            super().save(path, save_program=save_program, modules_to_serialize=modules_to_serialize)
+            return Path(path)
+        return persistence.save(self, path)  # refuses adapters without their LocalLM
 
-    def load(self, path: str | Path, **_: Any) -> "ROSA2":
-        """Load what :meth:`save` wrote. Everything is read and checked before anything is replaced."""
+    def load(self, path: str | Path, allow_pickle: bool = False, allow_unsafe_lm_state: bool = False) -> "ROSA2":
+        """Load what :meth:`save` wrote (a ``.json`` file, a folder, or with ``allow_pickle`` a ``.pkl``).
+        Everything is read and checked before anything is replaced."""
         self._weights_actor()  # a weight mode reads the adapters through the actor's model
-        persistence.load(self, path)
+        if Path(path).suffix == ".pkl":
+            super().load(path, allow_pickle=allow_pickle, allow_unsafe_lm_state=allow_unsafe_lm_state)
+        else:
+            persistence.load(self, path)
         return self
+
+    def named_parameters(self):
+        # ``adaptation`` last: a parent's load_state applies it after the program's predictors.
+        params = super().named_parameters()
+        return [p for p in params if p[1] is not self.adaptation] + [p for p in params if p[1] is self.adaptation]
+
+    def __deepcopy__(self, memo: dict) -> "ROSA2":
+        # What copy.deepcopy did before __getstate__ existed (which pickling needs): a field-by-field copy.
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            if key not in ("history", "callbacks"):
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        clone.history, clone.callbacks = [], []
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``save_program=True``): sessions travel in the embedded state form (adapters as
+        safetensors bytes), the model as a handle that re-attaches on load; no locks, no live tensors."""
+        state = super().__getstate__()
+        state["store"] = None
+        state["_sessions_state"] = persistence.dump_state(self)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        sessions = state.pop("_sessions_state")
+        super().__setstate__(state)
+        self.store = SessionStore(self._fresh_state)
+        persistence.load_state(self, sessions, where="the pickled ROSA2 state")
