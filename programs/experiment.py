@@ -270,7 +270,6 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
     config = {**config, "protocol": protocol}
     examples = load_task(task, limit=config.get("limit"), spread=config.get("spread", False))
     modes = mode_names(config)
-    max_turns = config.get("max_turns", 4)
     jobs = [(mode, i) for mode in modes for i in range(len(examples))]
     store = ProgressFile(Path(progress_path), config_hash(config, examples), config) if progress_path else None
     done = store.load(fresh) if store else {}

@@ -19,7 +19,9 @@ from rosa2_dspy.adapter import LenientChatAdapter
 from rosa2_dspy.errors import AdapterLoadError, FeedbackError, ModelPackageMissingError, Rosa2Error
 from rosa2_dspy.feedback import Feedback, as_feedback
 from rosa2_dspy.interactions import Interaction, as_interactions
-from rosa2_dspy.local_lm import LocalLM, LogProb, LoRAPolicy, LoRASettings
+from rosa2_dspy.engine import LogProb
+from rosa2_dspy.local_lm import LocalLM
+from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 from rosa2_dspy.records import TurnRecord, summarize
 from rosa2_dspy.rosa2 import MODES, ROSA2
 from rosa2_dspy.words import InstructionRefiner, RefineInstruction

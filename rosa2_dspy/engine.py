@@ -1,6 +1,6 @@
 """The batching engine: many conversations' model work in one pass, each row with its own LoRA adapter.
 
-Batched passes over a :class:`~rosa2_dspy.local_lm.LoRAPolicy`, all built on
+Batched passes over a :class:`~rosa2_dspy.policy.LoRAPolicy`, all built on
 :class:`~rosa2_dspy.multi_lora.MultiLoRA` (one base-model pass plus a per-row low-rank term):
 
 * :func:`generate_rows` — left-padded prompts, attention mask, a KV cache; greedy or sampled, with a
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from rosa2_dspy.local_lm import LoRAPolicy
+    from rosa2_dspy.policy import LoRAPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def divergence_rows(policy: "LoRAPolicy", rows: Sequence[DivergenceRow]) -> list
 class ModelBackend(Protocol):
     """What ROSA2 asks of a model: batched generation and batched scoring, each row under its own adapter.
 
-    :class:`Batcher` over an in-process :class:`~rosa2_dspy.local_lm.LoRAPolicy` is the one shipped.
+    :class:`Batcher` over an in-process :class:`~rosa2_dspy.policy.LoRAPolicy` is the one shipped.
     Beyond one machine, generation would be a multi-LoRA server's job (e.g. vLLM with
     ``enable_lora``: each session's adapter saved with ``save_pretrained`` after its ROSA step and
     loaded in place under the session's name, each request naming it) while ``score`` stays on a trainer

@@ -50,7 +50,8 @@ from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
 from rosa2_dspy.attribution import CallRecorder, extend_parent_trace, tag_predictors
 from rosa2_dspy.errors import FeedbackError, TurnFailedError
 from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback, metric_caller
-from rosa2_dspy.local_lm import LocalLM, LoRAPolicy, lm_scope
+from rosa2_dspy.local_lm import LocalLM, lm_scope
+from rosa2_dspy.policy import LoRAPolicy
 from rosa2_dspy.records import InteractionPrediction, InteractionResult, TurnRecord
 from rosa2_dspy.sessions import Session, SessionStore, Turn
 from rosa2_dspy.weights import ROSAStep, ScoredResponse, WeightOptimizer

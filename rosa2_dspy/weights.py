@@ -45,7 +45,8 @@ from typing import Any, Literal
 import torch
 from dspy.teleprompt import Teleprompter
 
-from rosa2_dspy.local_lm import ChatMessages, LocalLM, LoRAPolicy
+from rosa2_dspy.local_lm import LocalLM
+from rosa2_dspy.policy import ChatMessages, LoRAPolicy
 
 logger = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
 
 
 def make_tiny_policy(dtype: str = "float32", seed: int = 0, **lora_kwargs):
-    from rosa2_dspy.local_lm import LoRAPolicy, LoRASettings
+    from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(len(tokenizer), seed=seed)
@@ -76,7 +76,7 @@ def make_scripted_policy(script: list[str] = SCRIPT):
     the next; each piece of the script is one added token. Adapters change nothing in it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rosa2_dspy.local_lm import LoRAPolicy, LoRASettings
+    from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_tokens([piece for piece in script if len(piece) > 1])  # one token per piece of the script

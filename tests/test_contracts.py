@@ -16,7 +16,8 @@ from dspy.teleprompt import COPRO, BootstrapFewShot, LabeledFewShot
 from dspy.utils.dummies import DummyLM
 
 from conftest import build_tiny_model, build_tiny_tokenizer
-from rosa2_dspy.local_lm import LocalLM, LoRAPolicy, LoRASettings
+from rosa2_dspy.local_lm import LocalLM
+from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 from rosa2_dspy import records
 from rosa2_dspy.rosa2 import MODES, ROSA2
 

@@ -11,7 +11,8 @@ import torch
 from conftest import make_tiny_policy
 from rosa2_dspy.adapter import LenientChatAdapter
 from rosa2_dspy.errors import AdapterLoadError, ModelPackageMissingError
-from rosa2_dspy.local_lm import LocalLM, LoRASettings
+from rosa2_dspy.local_lm import LocalLM
+from rosa2_dspy.policy import LoRASettings
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+3?"}]
 
@@ -144,7 +145,7 @@ def test_corrupt_adapter_is_refused_and_changes_nothing(tiny_policy, tmp_path):
 
 def test_mismatched_adapter_is_refused(tiny_policy, tmp_path):
     from conftest import build_tiny_model, build_tiny_tokenizer
-    from rosa2_dspy.local_lm import LoRAPolicy, LoRASettings
+    from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 
     tok = build_tiny_tokenizer()
     rank8 = LoRAPolicy(build_tiny_model(len(tok)), tok, lora=LoRASettings(rank=8, alpha=16))
@@ -252,7 +253,7 @@ def test_a_pickled_local_lm_is_a_handle_rebuilt_from_its_folder_elsewhere(tiny_m
 
     import cloudpickle
 
-    from rosa2_dspy import local_lm
+    from rosa2_dspy import policy as policy_module
 
     lm = LocalLM(str(tiny_model_dir), lora=LoRASettings(rank=4, alpha=8), max_tokens=8)
     adapted = lm.policy.initial_adapter_vector + 0.01
@@ -260,7 +261,7 @@ def test_a_pickled_local_lm_is_a_handle_rebuilt_from_its_folder_elsewhere(tiny_m
     data = cloudpickle.dumps(lm)
     assert len(data) < 50_000
     assert pickle.loads(data).policy is lm.policy  # same process: re-attached to the live model
-    local_lm._LIVE_POLICIES.pop(lm.policy.key)  # as in a process that never loaded it
+    policy_module._LIVE_POLICIES.pop(lm.policy.key)  # as in a process that never loaded it
     rebuilt = pickle.loads(data)
     assert rebuilt.policy is not lm.policy
     assert torch.equal(rebuilt.policy.adapter_vector(), adapted)  # the adapter travels as safetensors bytes
