@@ -221,8 +221,13 @@ class ROSA2(dspy.Module):
                 predictor.signature = predictor.signature.with_instructions(instructions[name])
 
     def _fresh_state(self) -> tuple[dict[str, str], torch.Tensor | None]:
+        """A new session starts from the program's current words and the model's own adapter (the initial
+        one, unless the model was trained offline, e.g. by ``ROSAStep().compile``, or loaded)."""
         policy = self.policy
-        return self.original_instructions, policy.initial_adapter_vector if policy else None
+        if policy is None:
+            return self.original_instructions, None
+        with policy.lock:
+            return self.original_instructions, policy.adapter_vector()
 
     @property
     def sessions(self) -> dict[str, Session]:
@@ -283,7 +288,8 @@ class ROSA2(dspy.Module):
             if session.follows_program and not session.turns:
                 session.instructions = self.original_instructions
             if session.adapter is None and policy is not None:  # started before a LocalLM was configured
-                session.adapter = policy.initial_adapter_vector
+                with policy.lock:
+                    session.adapter = policy.adapter_vector()
             instructions, adapter_vector, turns = dict(session.instructions), session.adapter, list(session.turns)
         program = self._program_with(instructions)
         adapter = self._conversation_adapter(program, turns) if self.mode == "static" else self.adapter

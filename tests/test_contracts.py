@@ -354,3 +354,15 @@ def test_refine_keeps_static_modes_conversation_in_its_hinted_attempts():
     assert "Add the numbers." in hinted[-1]["content"]
     assert [m["role"] for m in hinted] == ["system", "user", "assistant", "user"]
     assert hinted[-1]["content"].startswith(f"Feedback on your previous answer: {FEEDBACK}")
+
+
+def test_a_new_session_starts_from_the_models_own_adapter_after_offline_training(tiny_lm):
+    """Compile offline, then adapt online: sessions start from the model's adapter as trained."""
+    trained = tiny_lm.policy.initial_adapter_vector + 0.01
+    tiny_lm.policy.set_adapter_vector(trained)
+    try:
+        rosa2 = ROSA2(dspy.Predict("question -> answer"), lm=tiny_lm, mode="joint")
+        sid = rosa2.start_session()
+        assert torch.equal(rosa2.sessions[sid].adapter, trained)
+    finally:
+        tiny_lm.policy.reset_adapter()
