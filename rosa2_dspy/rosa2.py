@@ -51,6 +51,7 @@ from rosa2_dspy.attribution import CallRecorder, extend_parent_trace, tag_predic
 from rosa2_dspy.errors import FeedbackError, TurnFailedError
 from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback, metric_caller
 from rosa2_dspy.local_lm import LocalLM, lm_scope
+from rosa2_dspy.streaming import listening_to_copies
 from rosa2_dspy.policy import LoRAPolicy
 from rosa2_dspy.records import InteractionPrediction, InteractionResult, TurnRecord
 from rosa2_dspy.sessions import Session, SessionStore, Turn
@@ -298,8 +299,9 @@ class ROSA2(dspy.Module):
         callbacks = [*(dspy.settings.get("callbacks") or []), recorder]
         parent_trace = dspy.settings.trace
         start = time.perf_counter()
-        with lm_scope(adapter_vector, raw), dspy.context(lm=actor, adapter=adapter, trace=[], track_usage=True,
-                                                         callbacks=callbacks):
+        settings = {"lm": actor, "adapter": adapter, "trace": [], "track_usage": True, "callbacks": callbacks,
+                    **listening_to_copies(self.program, program, adapter)}
+        with lm_scope(adapter_vector, raw), dspy.context(**settings):
             prediction = program(**inputs)
             trace = list(dspy.settings.trace)
         elapsed = time.perf_counter() - start

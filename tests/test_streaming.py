@@ -162,3 +162,23 @@ def test_a_streamed_answer_ends_when_its_row_ends_not_when_the_pass_does(monkeyp
             break
         threading.Event().wait(0.05)
     assert engine_waited == [True]
+
+
+@pytest.mark.parametrize("mode", ["joint", "static"])
+def test_streamify_over_rosa2_with_a_listener_yields_the_answer_of_the_sessions_copy(scripted_lm, mode):
+    """ROSA2 runs a per-call copy of the program; a listener bound to the program still hears it."""
+    from rosa2_dspy import ROSA2
+
+    rosa2 = ROSA2(dspy.Predict("question -> answer"), lm=scripted_lm, mode=mode)
+    sid = rosa2.start_session()
+    with dspy.context(adapter=dspy.ChatAdapter()):
+        alone = rosa2(question="What is 2+3?")
+        rosa2.adapt("No, answer in words.", score=0.0)  # the next call runs under refined words
+        with rosa2.in_session(sid):
+            stream = dspy.streamify(rosa2, stream_listeners=[StreamListener("answer")], async_streaming=False)
+            values = list(stream(question="What is 2+3?"))
+    chunks = [v.chunk for v in values if isinstance(v, StreamResponse)]
+    assert len([c for c in chunks if c]) >= 2
+    assert {v.predict_name for v in values if isinstance(v, StreamResponse)} == {"program"}
+    assert "".join(chunks) == values[-1].answer == alone.answer == "It is five."
+    assert len(rosa2.sessions[sid].turns) == 1 and rosa2.sessions[sid].pending is not None  # a normal turn
