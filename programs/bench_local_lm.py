@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from rosa2_dspy.local_lm import LoRAPolicy
+    from rosa2_dspy.policy import LoRAPolicy
 
     rows = []
     if args.model == "embedded":

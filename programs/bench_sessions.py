@@ -38,7 +38,8 @@ from programs.reporting import RESULTS_DIR, format_table, machine_facts
 from programs.tasks import load_task
 from rosa2_dspy.adapter import LenientChatAdapter
 from rosa2_dspy.engine import LogProb
-from rosa2_dspy.local_lm import LocalLM, LoRAPolicy
+from rosa2_dspy.local_lm import LocalLM
+from rosa2_dspy.policy import LoRAPolicy
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
 
 NAME = "bench_sessions"

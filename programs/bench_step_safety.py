@@ -28,12 +28,10 @@ import argparse
 import json
 import time
 
-import torch
-
 from programs import experiment
 from programs.reporting import RESULTS_DIR, format_table, machine_facts
 from programs.tasks import load_task
-from rosa2_dspy.local_lm import LoRAPolicy
+from rosa2_dspy.policy import LoRAPolicy
 from rosa2_dspy.records import degenerate
 from rosa2_dspy.weights import DEFAULT_MAX_KL, ROSAStep, ScoredResponse
 

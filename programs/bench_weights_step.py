@@ -26,7 +26,7 @@ import torch
 
 from programs.reporting import write_results
 from rosa2_dspy.adapter import LenientChatAdapter
-from rosa2_dspy.local_lm import LoRAPolicy
+from rosa2_dspy.policy import LoRAPolicy
 from rosa2_dspy.weights import IterativeTTT, ROSAStep, ScoredResponse
 
 PROBLEMS = [

@@ -16,7 +16,7 @@ Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by
                "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
      "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 96},
      "weights": {"beta": 0.5, "ridge": 0.001, "max_norm": 1.0},
-     "feedback": {"reveal": "hint", "reveal_after": 2}}
+     "protocol": "answer", "feedback": {"reveal_after": 1}}
 
 ``actor.model`` is ``"embedded"``, a checkpoint folder or a hub id (a :class:`LocalLM`), or a litellm
 model string prefixed ``"litellm:"`` for a served actor (then only ``static`` and ``prompt-only`` run).
@@ -29,25 +29,50 @@ interaction is a call of ``ROSA2.interact`` on a thread pool, the way a user ser
 instance, so a local actor batches them. Each interaction starts from θ0 and the original words in a
 session of its own, so the records equal the sequential run's (``--concurrency 1``) up to the last bits
 of batched float sums (see ``programs.bench_sessions``, which measures both).
+
+**Feedback protocol.** ``protocol`` names what the simulated user gives away (see
+``rosa2_dspy.feedback.simulated_user``): ``none`` (only "wrong" and the verifier's message), ``hint``
+(also a hint or the hidden intent, never the answer), ``answer`` (also the reference from turn
+``feedback.reveal_after`` on, which the weights step may use: "learning a revealed answer"). An older
+config's ``feedback.reveal``/``reveal_after`` is named by the protocol it amounts to. The protocol is in
+the results JSON and the table title; ``--protocol`` overrides the config's.
+
+**Statistics.** Each mode's acc@k, turns-to-solve, mean turns and correction uplift carry a seeded 95%
+bootstrap interval over tasks, and every pair of modes is compared on the same tasks (solved by the
+last turn: paired bootstrap interval of the difference and the exact McNemar p); see
+``rosa2_dspy.stats``. Tables print ``value [low, high]``; the plot draws the intervals as error bars.
+
+**Long runs.** Each finished conversation is appended (and flushed) to ``results/<name>.partial.jsonl``,
+whose first line holds the hash of the config and the tasks. A rerun with the same config reads the
+finished conversations back and runs only the rest (the records equal an uninterrupted run's); a
+different config is refused unless ``--fresh`` discards them. The progress bar counts conversations and
+shows the time left; the progress file is removed once the results file is written. If a conversation
+fails, none starts after it and those in flight are kept; on Ctrl-C those in flight are lost (a rerun
+runs them again).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import dspy
 from tqdm import tqdm
 
-from programs.reporting import write_results
+from programs import reporting
+from programs.reporting import format_table, write_results
 from programs.tasks import feedback_for, load_task, signature_for
 from rosa2_dspy import MODES, ROSA2, LocalLM, LoRASettings, ROSAStep, summarize
+from rosa2_dspy.feedback.simulated_user import PROTOCOLS, protocol_of
+from rosa2_dspy.records import TurnRecord
+from rosa2_dspy.stats import METHOD, compare_modes, with_ci
 from rosa2_dspy.local_lm import make_adapter
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -100,14 +125,43 @@ def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
     }
 
 
-def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[str, ROSA2]:
-    """One ROSA2 instance per mode, all on the same actor (so their model work shares batched passes)."""
-    served = not isinstance(actor, LocalLM)
-    modes = config.get("modes", list(SERVED_MODES if served else MODES))
+def resolve_protocol(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The config's feedback protocol name and the ``feedback_for`` options that realise it.
+
+    ``protocol`` names it; without one, ``feedback.reveal``/``reveal_after`` (older configs; defaults
+    ``"hint"``, 2) are named by the protocol they amount to. Both given and disagreeing is an error.
+    """
+    feedback = dict(config.get("feedback", {}))
+    protocol = config.get("protocol")
+    if protocol is None:
+        reveal, reveal_after = feedback.get("reveal", "hint"), feedback.get("reveal_after", 2)
+        return protocol_of(reveal, reveal_after), {"reveal": reveal, "reveal_after": reveal_after}
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown feedback protocol {protocol!r}; choose one of {tuple(PROTOCOLS)}.")
+    if "reveal" in feedback and protocol_of(feedback["reveal"], feedback.get("reveal_after")) != protocol:
+        raise ValueError(f"The config names protocol {protocol!r} but its feedback options {feedback} amount to "
+                         f"{protocol_of(feedback['reveal'], feedback.get('reveal_after'))!r}; drop feedback.reveal.")
+    if "reveal" in feedback:  # the same protocol, spelled the old way: keep its options as they are
+        return protocol, {"reveal": feedback["reveal"], "reveal_after": feedback.get("reveal_after")}
+    return protocol, {"protocol": protocol, "reveal_after": feedback.get("reveal_after", 1)}
+
+
+def mode_names(config: dict[str, Any]) -> list[str]:
+    """The modes a config runs (a served actor runs only the modes that leave the weights alone)."""
+    served = str(config.get("actor", {}).get("model", "embedded")).startswith("litellm:")
+    modes = list(config.get("modes", list(SERVED_MODES if served else MODES)))
     if served and set(modes) - set(SERVED_MODES):
         raise ValueError(f"A served actor cannot update weights; use modes from {SERVED_MODES}, got {modes}.")
+    return modes
+
+
+def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[str, ROSA2]:
+    """One ROSA2 instance per mode, all on the same actor (so their model work shares batched passes)."""
+    if not isinstance(actor, LocalLM):
+        config = {**config, "actor": {**config.get("actor", {}), "model": "litellm:served"}}
+    modes = mode_names(config)
     refiner_lm = build_refiner(config.get("refiner", {}), actor)
-    feedback = feedback_for(task, **config.get("feedback", {}))
+    feedback = feedback_for(task, **resolve_protocol(config)[1])
     return {
         mode: ROSA2(
             PROGRAMS[config.get("program", "predict")](signature_for(task)),
@@ -126,53 +180,191 @@ def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[s
     }
 
 
-def run_experiment(config: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Run every configured mode; returns {"config", "summaries", "theorem_4_1", "trajectories", "wall_seconds"}.
+# ---------------------------------------------------------------------------------------------- long runs
+
+# Settings that change how fast a run goes, not its records: a resumed run may change them.
+NOT_HASHED = ("concurrency", "name")
+
+
+def config_hash(config: dict[str, Any], examples: list[dspy.Example]) -> str:
+    """A digest of everything that decides a run's records: the config (less :data:`NOT_HASHED`) and the tasks."""
+    blob = json.dumps({"config": {k: v for k, v in config.items() if k not in NOT_HASHED},
+                       "tasks": [dict(e.toDict()) for e in examples]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ConfigMismatchError(ValueError):
+    """A progress file holds conversations of another config; they must not be mixed into this run."""
+
+
+def _as_json(trajectory: list[TurnRecord]) -> list[dict[str, Any]]:
+    return json.loads(json.dumps([r.to_dict() for r in trajectory], default=str))
+
+
+class ProgressFile:
+    """``<name>.partial.jsonl``: a header line (config hash and config), then one line per finished
+    conversation ``{"mode", "task", "question", "seconds", "trajectory"}``, each appended and flushed
+    as it finishes, so an interrupted run loses only the conversations in flight."""
+
+    def __init__(self, path: Path, digest: str, config: dict[str, Any]) -> None:
+        self.path, self.digest, self.config = Path(path), digest, config
+
+    def load(self, fresh: bool = False) -> dict[tuple[str, int], list[TurnRecord]]:
+        """The finished conversations of an earlier run of the same config (none if ``fresh`` or no file).
+
+        Raises :class:`ConfigMismatchError` if the file belongs to another config. A last line cut short
+        by a kill is dropped (that conversation runs again)."""
+        if fresh or not self.path.is_file():
+            self._start()
+            return {}
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):  # a line cut short: keep the whole lines only
+            raw = raw[: raw.rfind(b"\n") + 1]
+            self.path.write_bytes(raw)
+        lines = raw.decode("utf-8").splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            header = {}
+        if header.get("config_hash") != self.digest:
+            raise ConfigMismatchError(
+                f"{self.path} holds conversations of a different configuration or task set (hash "
+                f"{header.get('config_hash')!r}, this run {self.digest!r}); they will not be mixed into this run. "
+                "Rerun with --fresh to discard them and start over, or give another --name.")
+        done: dict[tuple[str, int], list[TurnRecord]] = {}
+        for line in lines[1:]:
+            row = json.loads(line)
+            done[(row["mode"], int(row["task"]))] = [TurnRecord.from_dict(r) for r in row["trajectory"]]
+        return done
+
+    def _start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"config_hash": self.digest, "config": self.config,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.path.write_text(json.dumps(header, default=str) + "\n")
+
+    def append(self, mode: str, task: int, question: str, seconds: float, trajectory: list[dict[str, Any]]) -> None:
+        line = json.dumps({"mode": mode, "task": task, "question": question, "seconds": seconds,
+                           "trajectory": trajectory}, default=str)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def progress_path_for(name: str) -> Path:
+    """Where a run named ``name`` keeps its finished conversations: next to its results file."""
+    return Path(reporting.RESULTS_DIR) / f"{name}.partial.jsonl"
+
+
+def run_experiment(config: dict[str, Any], progress: bool = True, progress_path: str | Path | None = None,
+                   fresh: bool = False) -> dict[str, Any]:
+    """Run every configured mode; returns {"config", "protocol", "summaries", "comparisons", "theorem_4_1",
+    "trajectories", "wall_seconds", "resumed", ...}.
 
     The actor is built from ``config["actor"]`` for each run, so a results file always describes the
-    model settings (``max_tokens``, LoRA shape) its answers were produced with.
+    model settings (``max_tokens``, LoRA shape) its answers were produced with. With ``progress_path``
+    each finished conversation is appended there, and the conversations an earlier run of the same
+    config finished are read back instead of run again (``fresh=True`` discards them).
     """
     task = config.get("task", "intent")
+    protocol, _ = resolve_protocol(config)
+    config = {**config, "protocol": protocol}
     examples = load_task(task, limit=config.get("limit"), spread=config.get("spread", False))
-    actor = build_actor(config.get("actor", {}))
-    modules = build_modes(config, actor, task)
-    max_turns = config.get("max_turns", 4)
-    jobs = [(mode, i) for mode in modules for i in range(len(examples))]
-    results: dict[tuple[str, int], Any] = {}
-
-    def converse(job: tuple[str, int]) -> Any:
-        mode, i = job
-        result = modules[mode].interact(examples[i])
-        modules[mode].end_session(result.session_id)  # every interaction starts from θ0 and the original words
-        return result
+    modes = mode_names(config)
+    jobs = [(mode, i) for mode in modes for i in range(len(examples))]
+    store = ProgressFile(Path(progress_path), config_hash(config, examples), config) if progress_path else None
+    done = store.load(fresh) if store else {}
+    wanted = set(jobs)
+    records: dict[tuple[str, int], list[TurnRecord]] = {job: t for job, t in done.items() if job in wanted}
+    todo = [job for job in jobs if job not in records]
 
     start = time.perf_counter()
-    with tqdm(total=len(jobs), desc="conversations", disable=not progress) as bar, \
-            ThreadPoolExecutor(max(1, int(config.get("concurrency", 8)))) as pool:
-        for job, result in zip(jobs, pool.map(converse, jobs)):
-            results[job] = result
-            bar.update()
-    wall = time.perf_counter() - start
-    summaries, trajectories, theorem = {}, {}, {}
-    for mode in modules:
-        runs = [results[(mode, i)].trajectory for i in range(len(examples))]
-        summaries[mode] = summarize(runs, max_turns)
-        trajectories[mode] = [[r.to_dict() for r in t] for t in runs]
-        if mode == "joint":
-            theorem = theorem_41(runs)
-    return {"config": config, "summaries": summaries, "theorem_4_1": theorem, "trajectories": trajectories,
-            "wall_seconds": wall}
+    if todo:
+        actor = build_actor(config.get("actor", {}))
+        modules = build_modes(config, actor, task)
 
+        def converse(job: tuple[str, int]) -> tuple[list[TurnRecord], float]:
+            mode, i = job
+            began = time.perf_counter()
+            result = modules[mode].interact(examples[i])
+            modules[mode].end_session(result.rosa2.session_id)  # every interaction starts from θ0 and the original words
+            return result.rosa2.trajectory, time.perf_counter() - began
+
+        _run_jobs(todo, converse, records, store, examples, int(config.get("concurrency", 8)), len(jobs), progress)
+    wall = time.perf_counter() - start
+    trajectories = {mode: [records[(mode, i)] for i in range(len(examples))] for mode in modes}
+    results = analyse(config, trajectories)
+    results.update(wall_seconds=wall, resumed=len(jobs) - len(todo))
+    return results
+
+
+def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[str, int], list[TurnRecord]],
+              store: ProgressFile | None, examples: list[dspy.Example], concurrency: int, total: int,
+              progress: bool) -> None:
+    """Run the conversations on a thread pool, recording (and appending) each as it finishes.
+
+    If one fails, no new conversation starts; those in flight finish and are kept, then the first error
+    is raised (a rerun resumes from what was kept). Every trajectory goes through its JSON form, so
+    records read back from the progress file and records of this run are alike to the bit."""
+    error: BaseException | None = None
+    pool = ThreadPoolExecutor(max(1, concurrency))
+    try:
+        with tqdm(total=total, initial=total - len(todo), desc="conversations", unit="conv",
+                  disable=not progress) as bar:
+            futures = {pool.submit(converse, job): job for job in todo}
+            for future in as_completed(futures):
+                mode, i = futures[future]
+                try:
+                    trajectory, seconds = future.result()
+                except BaseException as err:  # noqa: BLE001 - re-raised below, after the finished ones are kept
+                    if error is None:
+                        error = err
+                        for other in futures:
+                            other.cancel()
+                    continue
+                as_json = _as_json(trajectory)
+                records[(mode, i)] = [TurnRecord.from_dict(r) for r in as_json]
+                if store:
+                    store.append(mode, i, str(examples[i].get("question", ""))[:200], seconds, as_json)
+                bar.update()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    if error is not None:
+        raise error
+
+
+def analyse(config: dict[str, Any], trajectories: dict[str, list[list[TurnRecord]]]) -> dict[str, Any]:
+    """Summaries (with intervals), paired comparisons and the Theorem 4.1 check of a run's trajectories."""
+    max_turns = config.get("max_turns", 4)
+    protocol = config.get("protocol") or resolve_protocol(config)[0]
+    summaries = {mode: summarize(runs, max_turns) for mode, runs in trajectories.items()}
+    comparisons = compare_modes({mode: s["solved_at"] for mode, s in summaries.items()}, max_turns)
+    return {
+        "config": config, "protocol": protocol, "protocol_label": PROTOCOLS[protocol],
+        "statistics": METHOD, "summaries": summaries, "comparisons": comparisons,
+        "theorem_4_1": theorem_41(trajectories["joint"]) if "joint" in trajectories else {},
+        "trajectories": {mode: [[r.to_dict() for r in t] for t in runs] for mode, runs in trajectories.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- reporting
 
 def table_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per mode; acc@k, turns-to-solve, mean turns and uplift as ``value [95% CI]``."""
     rows = []
     for mode, s in summaries.items():
+        cis = s.get("accuracy_per_turn_ci") or [None] * len(s["accuracy_per_turn"])
         row: dict[str, Any] = {"mode": mode}
-        row.update({f"acc@{k + 1}": a for k, a in enumerate(s["accuracy_per_turn"])})
+        row.update({f"acc@{k + 1}": with_ci(a, ci) for k, (a, ci) in enumerate(zip(s["accuracy_per_turn"], cis))})
         row.update({
-            "turns-to-solve": s["turns_to_solve"],
-            "mean turns": s["mean_turns"],
-            "correction uplift": s["correction_uplift"],
+            "turns-to-solve": with_ci(s["turns_to_solve"], s.get("turns_to_solve_ci")),
+            "mean turns": with_ci(s["mean_turns"], s.get("mean_turns_ci")),
+            "correction uplift": with_ci(s["correction_uplift"], s.get("correction_uplift_ci")),
             "mean |Δθ|": s["mean_delta_norm"],
             "degenerate at end": s["degenerate_final"],
             **{f"{p} s/turn": v for p, v in s["seconds_per_turn"].items()},
@@ -181,36 +373,71 @@ def table_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def comparison_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per pair of modes: solved by the last turn, difference [95% CI], discordant tasks, McNemar p."""
+    return [{
+        "modes (a vs b)": f"{c['a']} vs {c['b']}",
+        f"acc@{c['turn']} a": with_ci(c["accuracy_a"], None), f"acc@{c['turn']} b": with_ci(c["accuracy_b"], None),
+        "a − b [95% CI]": with_ci(c["difference"], c["difference_ci"]),
+        "only a solved": c["a_only"], "only b solved": c["b_only"], "McNemar p (exact)": round(c["mcnemar_p"], 4),
+    } for c in comparisons]
+
+
+def title_for(results: dict[str, Any]) -> str:
+    """The table/plot title: task, actor and the feedback protocol (``answer`` reads "learning a revealed answer")."""
+    config = results["config"]
+    protocol = results.get("protocol") or resolve_protocol(config)[0]
+    return (f"{config.get('task', 'intent')} · {config.get('actor', {}).get('model', 'embedded')} · "
+            f"protocol {protocol} ({PROTOCOLS[protocol]})")
+
+
 def plot_accuracy(summaries: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """Accuracy over turns per mode with 95% bootstrap intervals as error bars (modes offset a little)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, s in summaries.items():
-        turns = range(1, len(s["accuracy_per_turn"]) + 1)
-        ax.plot(turns, s["accuracy_per_turn"], marker="o", label=mode, linewidth=2.5 if mode == "joint" else 1.5)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    width = 0.06 * max(len(summaries) - 1, 0)
+    for j, (mode, s) in enumerate(summaries.items()):
+        accuracy = s["accuracy_per_turn"]
+        turns = list(range(1, len(accuracy) + 1))
+        offset = (j / max(len(summaries) - 1, 1) - 0.5) * width
+        cis = s.get("accuracy_per_turn_ci") or [None] * len(accuracy)
+        lower = [a - ci[0] if ci else 0.0 for a, ci in zip(accuracy, cis)]
+        upper = [ci[1] - a if ci else 0.0 for a, ci in zip(accuracy, cis)]
+        ax.errorbar([t + offset for t in turns], accuracy, yerr=[lower, upper], marker="o", capsize=3, label=mode,
+                    linewidth=2.5 if mode == "joint" else 1.5)
     ax.set_xlabel("turn")
-    ax.set_ylabel("accuracy (solved by this turn)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xticks(list(turns))
-    ax.set_title(title)
+    ax.set_ylabel("accuracy (solved by this turn), 95% CI")
+    ax.set_ylim(-0.04, 1.04)
+    ax.set_xticks(turns)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def report(results: dict[str, Any], name: str) -> dict[str, Path]:
-    """Print the table, write JSON and the accuracy-over-turns plot under ``results/``."""
+def report(results: dict[str, Any], name: str, machine: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Print the tables, write JSON and the accuracy-over-turns plot under ``results/``.
+
+    ``machine`` keeps an earlier run's machine facts (when re-analysing its file); default: this machine."""
+    title = title_for(results)
     rows = table_rows(results["summaries"])
-    json_path = write_results(name, rows, extra={k: v for k, v in results.items()})
-    config = results["config"]
-    plot = plot_accuracy(results["summaries"], json_path.with_suffix(".png"),
-                         f"{config.get('task', 'intent')} · {config.get('actor', {}).get('model', 'embedded')}")
+    extra = {k: v for k, v in results.items()}
+    extra["title"] = title
+    if machine is not None:
+        extra["machine"] = machine
+    json_path = write_results(name, rows, extra=extra, title=title)
+    if results.get("comparisons"):
+        turn = results["comparisons"][0]["turn"]
+        print(f"\nPaired comparisons on the same tasks, solved by turn {turn} ({results.get('statistics', METHOD)}):")
+        print(format_table(comparison_rows(results["comparisons"])))
+    plot = plot_accuracy(results["summaries"], json_path.with_suffix(".png"), title)
     theorem = results["theorem_4_1"]
     if theorem.get("pairs"):
         print(f"\nTheorem 4.1 (joint mode, {theorem['pairs']} steps): mean ‖Δθ(x*)‖ = {theorem['mean_refined']:.4g}"
@@ -218,6 +445,17 @@ def report(results: dict[str, Any], name: str) -> dict[str, Path]:
               f"{100 * theorem['share_refined_smaller']:.0f}% of steps")
     print(f"wrote {plot}")
     return {"json": json_path, "plot": plot}
+
+
+def reanalyse(path: str | Path, name: str | None = None) -> dict[str, Path]:
+    """Recompute a results file's summaries, intervals and comparisons from its turn records (no model runs);
+    its config, machine facts and wall time are kept. Writes ``results/<name>`` (default: the same name)."""
+    old = json.loads(Path(path).read_text())
+    trajectories = {mode: [[TurnRecord.from_dict(r) for r in t] for t in runs]
+                    for mode, runs in old["trajectories"].items()}
+    results = analyse(old["config"], trajectories)
+    results.update({k: old[k] for k in ("wall_seconds", "resumed") if k in old})
+    return report(results, name or Path(path).stem, machine=old.get("machine"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,8 +467,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default=None, help="comma-separated subset of modes")
     parser.add_argument("--max-turns", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=None, help="conversations at once (1: sequential)")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                        help="feedback protocol: none, hint, answer (default: the config's)")
     parser.add_argument("--name", default=None, help="results file name (default: the config's name)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the conversations an interrupted run of this name finished and start over")
+    parser.add_argument("--reanalyse", default=None, metavar="RESULTS_JSON",
+                        help="recompute statistics of an existing results file from its turn records, then exit")
     args = parser.parse_args(argv)
+    if args.reanalyse:
+        reanalyse(args.reanalyse, args.name)
+        return
     config = load_config(args.config)
     if args.limit is not None:
         config["limit"] = args.limit
@@ -240,8 +487,17 @@ def main(argv: list[str] | None = None) -> None:
         config["max_turns"] = args.max_turns
     if args.concurrency is not None:
         config["concurrency"] = args.concurrency
-    results = run_experiment(config)
-    report(results, args.name or config.get("name", "experiment"))
+    if args.protocol is not None:
+        config["protocol"] = args.protocol
+        config["feedback"] = {k: v for k, v in config.get("feedback", {}).items() if k != "reveal"}
+    name = args.name or config.get("name", "experiment")
+    progress_path = progress_path_for(name)
+    try:
+        results = run_experiment(config, progress_path=progress_path, fresh=args.fresh)
+    except ConfigMismatchError as err:
+        raise SystemExit(str(err)) from None
+    report(results, name)
+    ProgressFile(progress_path, "", {}).remove()
 
 
 if __name__ == "__main__":

@@ -51,12 +51,15 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
 
 
 def write_results(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None,
-                  columns: list[str] | None = None) -> Path:
-    """Print ``rows`` as a table and save them, with machine facts, to ``results/<name>.json``."""
+                  columns: list[str] | None = None, title: str | None = None) -> Path:
+    """Print ``rows`` as a table (under ``title``, if given) and save them, with machine facts, to
+    ``results/<name>.json`` (``extra`` may replace the machine facts, e.g. those of an earlier run)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     payload = {"benchmark": name, "machine": machine_facts(), "rows": rows, **(extra or {})}
     path.write_text(json.dumps(payload, indent=2, default=str))
+    if title:
+        print(f"\n### {title}\n")
     print(format_table(rows, columns))
     print(f"\nwrote {path}")
     return path

@@ -11,7 +11,7 @@ from rosa2_dspy.feedback import FeedbackFn
 from rosa2_dspy.feedback.code import CodeVerifier
 from rosa2_dspy.feedback.intent import IntentVerifier
 from rosa2_dspy.feedback.math import MathVerifier
-from rosa2_dspy.feedback.simulated_user import Reveal, SimulatedUser
+from rosa2_dspy.feedback.simulated_user import Reveal, SimulatedUser, protocol_settings
 
 TASKS = ("math", "code", "intent")
 _SIGNATURES = {"math": "question -> answer", "code": "question -> code", "intent": "question -> answer"}
@@ -42,9 +42,17 @@ def signature_for(name: str) -> str:
     return _SIGNATURES[name]
 
 
-def feedback_for(name: str, reveal: Reveal = "hint", reveal_after: int | None = 2) -> FeedbackFn:
-    """The simulated user for this task, wrapping the task's verifier."""
+def feedback_for(name: str, reveal: Reveal = "hint", reveal_after: int | None = 2,
+                 protocol: str | None = None) -> FeedbackFn:
+    """The simulated user for this task, wrapping the task's verifier.
+
+    A named ``protocol`` (``none``, ``hint``, ``answer``; see ``rosa2_dspy.feedback.simulated_user``)
+    sets ``reveal`` for you; ``reveal_after`` is then the turn the ``answer`` protocol tells the answer.
+    """
     _check(name)
+    if protocol is not None:
+        settings = protocol_settings(protocol, reveal_after)
+        reveal, reveal_after = settings["reveal"], settings["reveal_after"]
     if name == "code":
         return SimulatedUser(CodeVerifier(), reveal, reveal_after, answer_field="code", gold_field="reference")
     verifier = MathVerifier() if name == "math" else IntentVerifier()

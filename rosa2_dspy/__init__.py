@@ -8,6 +8,9 @@ The tree follows the method:
 * ``words``     - the words step: textual-gradient rewrite of instructions (``InstructionRefiner``)
 * ``weights``   - the weights step: ROSA's one-step LoRA update (+ iterative TTT and no-update baselines)
 * ``rosa2``     - the module that joins them: ``ROSA2`` wraps any DSPy program; modes and sessions
+* ``persistence`` - saving and loading sessions and adapters (a .json file, a folder, a parent's state)
+* ``teleprompt`` - ``WeightOptimizer.compile``: ROSA as a DSPy teleprompter for any program on a LocalLM
+* ``interactions`` - ``dspy.Evaluate`` over whole interactions (``Interaction``, ``as_interactions``)
 * ``feedback``  - feedback sources (DSPy-metric style): verifiers, simulated users, judges
 * ``records``   - per-turn records and the metrics derived from them
 """
@@ -15,7 +18,10 @@ The tree follows the method:
 from rosa2_dspy.adapter import LenientChatAdapter, PlainChatAdapter, answer_parsed
 from rosa2_dspy.errors import AdapterLoadError, FeedbackError, ModelPackageMissingError, Rosa2Error
 from rosa2_dspy.feedback import Feedback, as_feedback
-from rosa2_dspy.local_lm import LocalLM, LogProb, LoRAPolicy, LoRASettings
+from rosa2_dspy.interactions import Interaction, as_interactions
+from rosa2_dspy.engine import LogProb
+from rosa2_dspy.local_lm import LocalLM
+from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 from rosa2_dspy.records import TurnRecord, summarize
 from rosa2_dspy.rosa2 import MODES, ROSA2
 from rosa2_dspy.words import InstructionRefiner, RefineInstruction
@@ -25,6 +31,8 @@ __all__ = [
     "MODES",
     "ROSA2",
     "Feedback",
+    "Interaction",
+    "as_interactions",
     "InstructionRefiner",
     "RefineInstruction",
     "TurnRecord",

@@ -261,30 +261,58 @@ def _norm(text: str) -> str:
 
 
 class ConversationAdapter(Adapter):
-    """Static mode's context: earlier turns and their feedback replayed as chat messages, over any base
-    adapter (default :class:`LenientChatAdapter`).
+    """Static mode's context: earlier turns and their feedback replayed as chat messages, in the form of a
+    base adapter (``base``: default :class:`LenientChatAdapter`; ROSA2 passes its own adapter).
 
-    For each predictor, its own earlier inputs/outputs become user/assistant turns in the base adapter's
-    form, each later user turn starting with the feedback the previous answer got. Parsing is the base's.
+    For each predictor, its own earlier inputs/outputs become user/assistant turns, each later user turn
+    starting with the feedback the previous answer got; parsing is the base adapter's. A predictor's turns
+    are found by its signature (``id``), else, for a signature a module derived from it (``dspy.Refine``
+    appends a ``hint_`` input), by its instructions and output fields when those name one predictor.
+
+    :meth:`bound` puts the turns (and the base) on a class of their own, so a module that re-creates the
+    configured adapter from its class (``dspy.Refine``: ``class Wrapper(adapter.__class__)``, then
+    ``Wrapper()``) keeps the conversation.
     """
 
-    def __init__(self, turns_by_signature: dict[int, list[tuple[dict, dict, str]]], base: Adapter | None = None,
-                 **kwargs: Any) -> None:
+    turns_by_signature: dict[int, list[tuple[dict, dict, str]]] = {}
+    turns_by_words: dict[tuple, list[tuple[dict, dict, str]]] = {}
+    base: Adapter | None = None
+
+    def __init__(self, turns_by_signature: dict[int, list[tuple[dict, dict, str]]] | None = None,
+                 base: Adapter | None = None, **kwargs: Any) -> None:
         super().__init__()
-        self.base = base if base is not None else LenientChatAdapter(**kwargs)
-        self.turns_by_signature = turns_by_signature
+        if turns_by_signature is not None:
+            self.turns_by_signature = turns_by_signature
+        if base is not None:
+            self.base = base
+        elif self.base is None:
+            self.base = LenientChatAdapter(**kwargs)
+
+    @classmethod
+    def bound(cls, turns: list[tuple[Any, list[tuple[dict, dict, str]]]],
+              base: Adapter | None = None) -> "ConversationAdapter":
+        """An adapter for ``turns``: ``(signature, its predictor's earlier turns)`` per predictor, replayed in
+        ``base``'s form (default :class:`LenientChatAdapter`)."""
+        by_words: dict[tuple, list] = {}
+        for signature, past in turns:
+            key = _words(signature)
+            by_words[key] = None if key in by_words else past  # None: two predictors share the key
+        attributes = {"turns_by_signature": {id(signature): past for signature, past in turns},
+                      "turns_by_words": {k: v for k, v in by_words.items() if v is not None},
+                      "base": base if base is not None else LenientChatAdapter()}
+        return type(cls.__name__, (cls,), attributes)()
 
     def format(self, signature: Any, demos: list, inputs: dict) -> list[dict[str, Any]]:
         messages = self.base.format(signature, demos, inputs)
-        turns = self.turns_by_signature.get(id(signature), [])
+        turns = self.turns_by_signature.get(id(signature)) or self.turns_by_words.get(_words(signature), [])
         if not turns:
             return messages
         conversation, previous_feedback = [], ""
         for past_inputs, past_outputs, feedback in turns:
-            user = self.base.format_user_message_content(signature, past_inputs)
+            user = self.format_user_message_content(signature, past_inputs)
             conversation.append({"role": "user", "content": _with_feedback(previous_feedback, user)})
             conversation.append(
-                {"role": "assistant", "content": self.base.format_assistant_message_content(signature, past_outputs)}
+                {"role": "assistant", "content": self.format_assistant_message_content(signature, past_outputs)}
             )
             previous_feedback = feedback
         last = dict(messages[-1])
@@ -294,11 +322,18 @@ class ConversationAdapter(Adapter):
     def parse(self, signature: Any, completion: str) -> dict[str, Any]:
         return self.base.parse(signature, completion)
 
+    def _call_postprocess(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        return self.base._call_postprocess(*args, **kwargs)  # e.g. PlainChatAdapter's empty-reply rule
+
     def format_user_message_content(self, *args: Any, **kwargs: Any) -> str:
         return self.base.format_user_message_content(*args, **kwargs)
 
     def format_assistant_message_content(self, *args: Any, **kwargs: Any) -> str:
         return self.base.format_assistant_message_content(*args, **kwargs)
+
+
+def _words(signature: Any) -> tuple:
+    return signature.instructions, tuple(signature.output_fields)
 
 
 def _with_feedback(feedback: str, content: str) -> str:

@@ -1,6 +1,6 @@
 """The batching engine: many conversations' model work in one pass, each row with its own LoRA adapter.
 
-Batched passes over a :class:`~rosa2_dspy.local_lm.LoRAPolicy`, all built on
+Batched passes over a :class:`~rosa2_dspy.policy.LoRAPolicy`, all built on
 :class:`~rosa2_dspy.multi_lora.MultiLoRA` (one base-model pass plus a per-row low-rank term):
 
 * :func:`generate_rows` — left-padded prompts, attention mask, a KV cache; greedy or sampled, with a
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from rosa2_dspy.local_lm import LoRAPolicy
+    from rosa2_dspy.policy import LoRAPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class GenerationRow:
     temperature: float | None = 0.0
     top_p: float | None = None
     seed: int | None = None
+    # Streaming rows only: called on the batcher's thread with (index, token id) as each token is chosen.
+    # Keep it cheap (e.g. a queue's put): the whole batch waits for it.
+    on_token: Callable[[int, int], None] | None = field(default=None, repr=False)
 
     @property
     def sample(self) -> bool:
@@ -165,6 +168,8 @@ def generate_rows(policy: "LoRAPolicy", rows: Sequence[GenerationRow]) -> list[G
             keep = []
             for j, (i, token) in enumerate(zip(alive, tokens.tolist())):
                 outputs[i].append(token)
+                if rows[i].on_token is not None:
+                    rows[i].on_token(len(outputs[i]) - 1, token)
                 if token == eos:
                     finish[i] = "stop"
                 elif len(outputs[i]) < rows[i].max_new_tokens:
@@ -253,7 +258,7 @@ def divergence_rows(policy: "LoRAPolicy", rows: Sequence[DivergenceRow]) -> list
 class ModelBackend(Protocol):
     """What ROSA2 asks of a model: batched generation and batched scoring, each row under its own adapter.
 
-    :class:`Batcher` over an in-process :class:`~rosa2_dspy.local_lm.LoRAPolicy` is the one shipped.
+    :class:`Batcher` over an in-process :class:`~rosa2_dspy.policy.LoRAPolicy` is the one shipped.
     Beyond one machine, generation would be a multi-LoRA server's job (e.g. vLLM with
     ``enable_lora``: each session's adapter saved with ``save_pretrained`` after its ROSA step and
     loaded in place under the session's name, each request naming it) while ``score`` stays on a trainer
@@ -310,15 +315,24 @@ class Batcher:
         return self._submit("divergence", list(rows))
 
     def _submit(self, kind: str, rows: list) -> list:
+        return [result for future in self.submit(kind, rows) for result in future.result()]
+
+    def submit(self, kind: str, rows: Sequence) -> list[Future]:
+        """Queue ``rows`` (``kind`` "generate", "score" or "divergence") without waiting: one future per
+        pass they take, each resolving to that pass's results in order. Streaming callers read their rows'
+        ``on_token`` while they wait."""
+        rows = list(rows)
         if not rows:
             return []
         if threading.current_thread() is self._worker:  # a pass that needs another pass: run it inline
-            return self._run(kind, rows)
+            future: Future = Future()
+            future.set_result(self._run(kind, rows))
+            return [future]
         jobs = [_Job(kind, chunk, Future()) for chunk in self._chunks(kind, rows)]
         for job in jobs:
             self._queue.put(job)
         self._ensure_worker()
-        return [result for job in jobs for result in job.future.result()]
+        return [job.future for job in jobs]
 
     def _chunks(self, kind: str, rows: list) -> list[list]:
         """Split one request into passes of at most ``max_batch`` rows (and ``max_score_tokens``)."""

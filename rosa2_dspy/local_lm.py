@@ -1,30 +1,20 @@
-"""The local model: a transformers causal LM with a PEFT LoRA adapter, callable as a DSPy LM.
+"""The local model as a DSPy LM: :class:`LocalLM` answers DSPy's calls with a :class:`LoRAPolicy`.
 
-Two objects, one job each:
-
-* :class:`LoRAPolicy` owns the torch side: the frozen base model, its LoRA adapter and tokenizer. It
-  generates text and gives the weights step what it needs: ``log pi(y | x)`` of a response under a
-  chat prompt, its gradient with respect to the adapter parameters only, the adapter as one flat
-  vector, applying a delta, resetting to the initial adapter, and saving/loading the adapter the
-  PEFT way (``save_pretrained``, safetensors only).
-* :class:`LocalLM` is a ``dspy.LM`` (hence a ``dspy.BaseLM``) whose engine runs a ``LoRAPolicy``.
-  It answers DSPy's normal calls, so ``dspy.configure(lm=LocalLM())``, ``dspy.Predict``,
-  ``dspy.ChainOfThought`` and ``dspy.Evaluate`` work unchanged. It uses DSPy 3.4's engine contract
-  (``complete(Request) -> Response``) rather than the deprecated ``forward()`` override.
-
-A policy is a *shared handle*: ``copy.deepcopy`` returns the same object, as DSPy does for local model
-handles, so deep-copying a program does not duplicate hundreds of MB of weights. Per-conversation
-state is an adapter *vector* (see :meth:`LoRAPolicy.adapter_vector`), which callers swap in and out.
+:class:`LocalLM` is a ``dspy.LM`` (hence a ``dspy.BaseLM``) whose engine runs a
+:class:`~rosa2_dspy.policy.LoRAPolicy` (the torch side: model, adapter, log-probs, gradients, files).
+It answers DSPy's normal calls, so ``dspy.configure(lm=LocalLM())``, ``dspy.Predict``,
+``dspy.ChainOfThought`` and ``dspy.Evaluate`` work unchanged. It uses DSPy 3.4's engine contract
+(``complete(Request) -> Response``, ``stream``, and an async twin) rather than the deprecated
+``forward()`` override. :func:`lm_scope` says which adapter a call runs under and where it records
+what the model wrote; both belong to the calling context, never to the model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +22,13 @@ from typing import Any
 
 import dspy
 import torch
-from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
+from dspy.lm15 import (Message, Response, StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta,
+                       TextPart, Usage)
 
-from rosa2_dspy.engine import Batcher, DivergenceRow, GenerationRow, LogProb, ScoreRow
-from rosa2_dspy.errors import AdapterLoadError
-from rosa2_dspy.multi_lora import MultiLoRA
+from rosa2_dspy.engine import Batcher
+from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 
 logger = logging.getLogger(__name__)
-
-ChatMessages = Sequence[dict[str, str]]
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Which adapter a LocalLM call runs under, and where it records what the model wrote. Both belong to the
 # calling context (a thread, an asyncio task), never to the model, so concurrent conversations never mix.
@@ -72,355 +58,6 @@ def lm_scope(adapter: torch.Tensor | None = None, record: list | None = None) ->
         _ADAPTER.reset(tokens[0])
 
 
-@dataclass
-class LoRASettings:
-    """LoRA adapter shape. ``target_modules=None`` lets PEFT pick the model family's defaults."""
-
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = ("q_proj", "v_proj")
-    init_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}.")
-        if self.target_modules is not None:
-            self.target_modules = tuple(self.target_modules)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/``"auto"`` picks CUDA when there is one, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}.")
-    return _DTYPES[dtype]
-
-
-class LoRAPolicy:
-    """A causal LM with a trainable LoRA adapter on frozen base weights.
-
-    Args:
-        model: a loaded ``transformers`` causal LM (the base; it is wrapped with PEFT here).
-        tokenizer: its tokenizer; it must have a chat template.
-        lora: adapter shape.
-        device, dtype: where and in which precision the model runs.
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        lora: LoRASettings | None = None,
-        device: str | torch.device | None = "cpu",
-        dtype: str | torch.dtype = "float32",
-    ) -> None:
-        from peft import LoraConfig, get_peft_model
-
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                "The tokenizer has no chat template; LocalLM formats DSPy's chat messages with it. "
-                "Use an instruct/chat model or set tokenizer.chat_template."
-            )
-        self.lora = lora or LoRASettings()
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        self.dtype = resolve_dtype(dtype)
-        self.tokenizer = tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        config = LoraConfig(
-            r=self.lora.rank,
-            lora_alpha=self.lora.alpha,
-            lora_dropout=self.lora.dropout,
-            target_modules=list(self.lora.target_modules) if self.lora.target_modules else None,
-            task_type="CAUSAL_LM",
-        )
-        # LoRA's A matrices are random at init; seed them so two runs start from the same adapter.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.lora.init_seed)
-            self.model = get_peft_model(model.to(device=self.device, dtype=self.dtype), config)
-        self.model.eval()  # no dropout: gradients and greedy answers are deterministic
-        self._params = [p for _, p in self._named_adapter_parameters()]
-        self._initial = self.adapter_vector()
-        # Guards the policy's own adapter (PEFT's parameters: set, read, save). Model passes never read
-        # them (each row brings its adapter), so they run beside these without waiting.
-        self.lock = threading.RLock()
-        self._tokenizer_lock = threading.Lock()
-        self.multi_lora = MultiLoRA(self.model, self._params)
-        self.batcher = Batcher(self)
-
-    # ------------------------------------------------------------------ construction
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str = "embedded",
-        *,
-        lora: LoRASettings | None = None,
-        device: str | None = "cpu",
-        dtype: str = "float32",
-        **model_kwargs: Any,
-    ) -> "LoRAPolicy":
-        """Load a model by name: ``"embedded"`` (the packaged default), a local folder, or a hub id.
-
-        A hub id only works where the user has it cached or has network access; nothing in this
-        library downloads on its own account.
-        """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from rosa2_dspy.embedded import EMBEDDED_MODEL, embedded_checkpoint_dir
-
-        torch_dtype = resolve_dtype(dtype)
-        if model == EMBEDDED_MODEL:
-            path = embedded_checkpoint_dir()
-            try:
-                base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
-                tokenizer = AutoTokenizer.from_pretrained(path)
-            except Exception as err:  # a damaged cache: rebuild it from the packaged GGUF once
-                logger.warning("Cached embedded model at %s failed to load (%s); rebuilding it.", path, err)
-                path = embedded_checkpoint_dir(rebuild=True)
-                base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
-                tokenizer = AutoTokenizer.from_pretrained(path)
-        else:
-            base = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, **model_kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(model)
-        return cls(base, tokenizer, lora=lora, device=device, dtype=torch_dtype)
-
-    def __deepcopy__(self, memo: dict) -> "LoRAPolicy":
-        # A model handle is shared, not copied (DSPy treats local model handles the same way).
-        return self
-
-    # ------------------------------------------------------------------ adapter as a vector
-
-    def _named_adapter_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if not named or not all("lora_" in n for n, _ in named):
-            raise RuntimeError("Expected only LoRA parameters to be trainable; PEFT setup went wrong.")
-        return named
-
-    @property
-    def causal_lm(self) -> Any:
-        """The transformers model inside the PEFT wrapper (its LoRA layers are computed per row)."""
-        return self.model.get_base_model()
-
-    @property
-    def num_adapter_parameters(self) -> int:
-        return sum(p.numel() for p in self._params)
-
-    def adapter_vector(self) -> torch.Tensor:
-        """A float32 CPU copy of every adapter parameter, flattened in a fixed order."""
-        with torch.no_grad():
-            return torch.cat([p.detach().reshape(-1).float().cpu() for p in self._params])
-
-    def set_adapter_vector(self, vector: torch.Tensor) -> None:
-        """Overwrite the adapter with ``vector`` (as returned by :meth:`adapter_vector`)."""
-        vector = self._checked_shape(torch.as_tensor(vector))
-        if not torch.isfinite(vector).all():
-            raise ValueError("Refusing to load a non-finite adapter vector; the adapter is unchanged.")
-        with self.lock, torch.no_grad():
-            offset = 0
-            for p in self._params:
-                n = p.numel()
-                p.copy_(vector[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype))
-                offset += n
-
-    def apply_delta(self, delta: torch.Tensor) -> None:
-        """theta <- theta + delta, for a flat delta over the adapter parameters."""
-        self.set_adapter_vector(self.adapter_vector() + torch.as_tensor(delta, dtype=torch.float32))
-
-    @property
-    def initial_adapter_vector(self) -> torch.Tensor:
-        return self._initial.clone()
-
-    def reset_adapter(self) -> None:
-        """Back to the adapter as it was right after construction (LoRA B = 0: the base model)."""
-        self.set_adapter_vector(self._initial)
-
-    # ------------------------------------------------------------------ tokenisation
-
-    def _text_ids(self, text: str) -> list[int]:
-        """Token ids of user-supplied text: chat-control strings in it (``<|im_start|>``...) stay literal
-        text, so content can never open a turn, spoof a role or become a control token to train on."""
-        # split_special_tokens flips a flag on the shared Rust tokenizer for the call: one call at a time.
-        with self._tokenizer_lock:
-            return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-
-    def _prompt_ids(self, messages: ChatMessages) -> list[int]:
-        """The chat template's tokens around each message's content, the content tokenized as plain text."""
-        messages = list(messages)
-        marks = [f"\x00rosa2-content-{i}\x00" for i in range(len(messages))]
-        rendered = self.tokenizer.apply_chat_template(
-            [{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True, tokenize=False)
-        if not all(rendered.count(mark) == 1 for mark in marks):  # a template that rewrites content
-            raise ValueError("This model's chat template changes message content, so LocalLM cannot keep "
-                             "control strings in it literal; use a model whose template inserts content as is.")
-        ids: list[int] = []
-        for message, mark in zip(messages, marks):
-            template, _, rendered = rendered.partition(mark)
-            with self._tokenizer_lock:
-                ids += self.tokenizer(template, add_special_tokens=False)["input_ids"]
-            ids += self._text_ids(message["content"])
-        with self._tokenizer_lock:
-            return ids + list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
-
-    def _response_ids(self, response: str) -> list[int]:
-        # The end-of-turn token belongs to the response: it is what makes the model stop.
-        return self._text_ids(response) + [self.tokenizer.eos_token_id]
-
-    # ------------------------------------------------------------------ generation
-
-    def generate(
-        self,
-        messages: ChatMessages,
-        *,
-        max_new_tokens: int = 256,
-        temperature: float | None = 0.0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        adapter: torch.Tensor | None = None,
-    ) -> tuple[str, int, int, str]:
-        """Answer a chat. Returns ``(text, prompt_tokens, completion_tokens, finish_reason)``.
-
-        ``temperature`` 0/None is greedy decoding, which is deterministic. ``adapter`` (a flat vector)
-        answers under that adapter instead of the policy's own. Concurrent calls from other threads are
-        batched together by :attr:`batcher`, each row under its own adapter.
-        """
-        prompt = self._prompt_ids(messages)
-        row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed)
-        out = self.batcher.generate([row])[0]
-        text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
-        finish = out.finish_reason
-        for s in stop:
-            if s and s in text:
-                text, finish = text[: text.index(s)], "stop"
-        return text, len(prompt), len(out.tokens), finish
-
-    def _adapter_or_own(self, adapter: torch.Tensor | None) -> torch.Tensor:
-        if adapter is None:
-            with self.lock:
-                return self.adapter_vector()
-        return self._checked_shape(torch.as_tensor(adapter, dtype=torch.float32))
-
-    def _checked_shape(self, vector: torch.Tensor) -> torch.Tensor:
-        if vector.shape != (self.num_adapter_parameters,):
-            raise ValueError(
-                f"Adapter vector has shape {tuple(vector.shape)}, expected ({self.num_adapter_parameters},)."
-            )
-        return vector
-
-    # ------------------------------------------------------------------ log-probabilities
-
-    def logprobs(self, pairs: Sequence[tuple[ChatMessages, str]], *, with_grad: bool = False,
-                 adapter: torch.Tensor | None = None) -> list[LogProb]:
-        """``log pi_theta(response | messages)`` of each ``(messages, response)`` pair, summed over the
-        response's tokens (end-of-turn included), all in one batched pass.
-
-        With ``with_grad=True`` each result carries ``grad``: the gradient of its own sum with respect to
-        the adapter parameters only (a per-sample gradient), a flat float32 CPU vector aligned with
-        :meth:`adapter_vector`. ``adapter`` scores under that vector instead of the policy's own.
-        """
-        vector = self._adapter_or_own(adapter)
-        rows = []
-        for messages, response in pairs:
-            if not isinstance(response, str):
-                raise TypeError(f"response must be a string, got {type(response).__name__}.")
-            rows.append(ScoreRow(self._prompt_ids(messages), self._response_ids(response), vector, with_grad))
-        return self.batcher.score(rows)
-
-    def logprob(self, messages: ChatMessages, response: str, *, with_grad: bool = False,
-                adapter: torch.Tensor | None = None) -> LogProb:
-        """One pair's :meth:`logprobs`."""
-        return self.logprobs([(messages, response)], with_grad=with_grad, adapter=adapter)[0]
-
-    def divergence(self, pairs: Sequence[tuple[ChatMessages, str]], adapter: torch.Tensor,
-                   other: torch.Tensor) -> list[float]:
-        """For each ``(messages, response)``: the mean per-token ``KL(pi_adapter || pi_other)`` of the
-        next-token distributions over the prompt and the response (one batched pass for all pairs)."""
-        a, b = self._checked_shape(torch.as_tensor(adapter, dtype=torch.float32)), \
-            self._checked_shape(torch.as_tensor(other, dtype=torch.float32))
-        rows = [DivergenceRow(self._prompt_ids(m), self._response_ids(r), a, b) for m, r in pairs]
-        return self.batcher.divergence(rows)
-
-    # ------------------------------------------------------------------ saving and loading
-
-    def save_adapter(self, directory: str | Path, vector: torch.Tensor | None = None) -> Path:
-        """Save the adapter (or ``vector``, if given) with PEFT's ``save_pretrained`` as safetensors."""
-        directory = Path(directory)
-        with self.lock:
-            current = self.adapter_vector()
-            try:
-                if vector is not None:
-                    self.set_adapter_vector(vector)
-                self.model.save_pretrained(directory, safe_serialization=True)
-            finally:
-                self.set_adapter_vector(current)
-        return directory
-
-    def read_adapter(self, directory: str | Path) -> torch.Tensor:
-        """Read a saved adapter as a flat vector, checking it fits this model; the model is untouched.
-
-        Raises :class:`AdapterLoadError` for a missing, corrupt, mismatched or non-finite adapter.
-        """
-        from peft.utils import get_peft_model_state_dict
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        weights, config_path = directory / "adapter_model.safetensors", directory / "adapter_config.json"
-        if not weights.is_file() or not config_path.is_file():
-            raise AdapterLoadError(
-                f"{directory} is not a saved adapter: expected adapter_config.json and "
-                "adapter_model.safetensors (written by save_adapter / PEFT save_pretrained). "
-                "Pickled .bin adapters are not accepted."
-            )
-        try:
-            saved_config = json.loads(config_path.read_text())
-            state = load_file(str(weights))
-        except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as err:
-            raise AdapterLoadError(f"The adapter in {directory} is corrupt ({err}); save it again.") from err
-        if int(saved_config.get("r", -1)) != self.lora.rank:
-            raise AdapterLoadError(
-                f"The adapter in {directory} has LoRA rank {saved_config.get('r')}, this model uses "
-                f"rank {self.lora.rank}; build the LocalLM with the adapter's LoRA settings."
-            )
-        if float(saved_config.get("lora_alpha", -1)) != float(self.lora.alpha):
-            raise AdapterLoadError(
-                f"The adapter in {directory} has lora_alpha {saved_config.get('lora_alpha')}, this model uses "
-                f"{self.lora.alpha}; its scaling would differ. Build the LocalLM with the adapter's LoRA settings."
-            )
-        expected = get_peft_model_state_dict(self.model)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise AdapterLoadError(
-                f"The adapter in {directory} does not match this model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}); it was saved for another model or LoRA target modules."
-            )
-        for key, tensor in expected.items():
-            if state[key].shape != tensor.shape:
-                raise AdapterLoadError(
-                    f"Adapter tensor {key} has shape {tuple(state[key].shape)}, the model expects "
-                    f"{tuple(tensor.shape)}; it was saved for another model."
-                )
-            if not torch.isfinite(state[key]).all():
-                raise AdapterLoadError(f"Adapter tensor {key} in {directory} holds NaN/inf; refusing it.")
-        # Map PEFT's saved keys (no adapter name) back onto our parameter order.
-        names = [name.replace(".default", "") for name, _ in self._named_adapter_parameters()]
-        return torch.cat([state[name].reshape(-1).float() for name in names])
-
-    def load_adapter(self, directory: str | Path) -> None:
-        """Load a saved adapter into the model (validated first, so a bad file changes nothing)."""
-        self.set_adapter_vector(self.read_adapter(directory))
-
-
 class LocalEngine:
     """DSPy engine (``complete(Request) -> Response``) that answers with a :class:`LoRAPolicy`."""
 
@@ -439,11 +76,9 @@ class LocalEngine:
         messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
         return messages
 
-    def complete(self, request: Any) -> Response:
+    def _generation(self, request: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
         config = request.config
-        messages = self.chat_messages(request)
-        text, n_in, n_out, finish = self.policy.generate(
-            messages,
+        return self.chat_messages(request), dict(
             max_new_tokens=config.max_tokens or 256,
             temperature=config.temperature,
             top_p=config.top_p,
@@ -451,26 +86,45 @@ class LocalEngine:
             stop=config.stop or (),
             adapter=_ADAPTER.get(),
         )
+
+    def _end(self, messages: list[dict[str, str]], text: str, n_in: int, n_out: int) -> Usage:
         record = _RECORD.get()
         if record is not None:
             record.append(RawCompletion(messages, text, n_in, n_out))
+        return Usage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
+
+    def complete(self, request: Any) -> Response:
+        messages, settings = self._generation(request)
+        text, n_in, n_out, finish = self.policy.generate(messages, **settings)
         return Response(
             id=None,
             model=self.model_name,
             message=Message.assistant([TextPart(text)]),
             finish_reason=finish,
-            usage=Usage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out),
+            usage=self._end(messages, text, n_in, n_out),
         )
 
-    def stream(self, request: Any):
-        return response_to_events(self.complete(request))
+    def stream(self, request: Any) -> Iterator[StreamStartEvent | StreamDeltaEvent | StreamEndEvent]:
+        """The answer as lm15 stream events while it is generated: a start, a text delta per decoded piece,
+        an end with the finish reason and usage (DSPy's streaming path, ``dspy.streamify``, reads these)."""
+        messages, settings = self._generation(request)
+        pieces = self.policy.generate_stream(messages, **settings)
+        yield StreamStartEvent(model=self.model_name)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as done:
+                text, n_in, n_out, finish = done.value
+                break
+            yield StreamDeltaEvent(delta=TextDelta(text=piece))
+        yield StreamEndEvent(finish_reason=finish, usage=self._end(messages, text, n_in, n_out))
 
     def close(self) -> None:
         pass
 
 
 class AsyncLocalEngine:
-    """DSPy's async engine contract (``async def complete``) over :class:`LocalEngine`.
+    """DSPy's async engine contract (``async def complete``, ``stream``) over :class:`LocalEngine`.
 
     The call runs on a thread (``asyncio.to_thread`` keeps the task's context, so its adapter and record
     scope hold), where the batcher joins it with whatever else is in flight: many coroutines awaiting
@@ -483,8 +137,10 @@ class AsyncLocalEngine:
     async def complete(self, request: Any) -> Response:
         return await asyncio.to_thread(self.engine.complete, request)
 
-    async def stream(self, request: Any):
-        for event in response_to_events(await self.complete(request)):
+    async def stream(self, request: Any) -> AsyncIterator[StreamStartEvent | StreamDeltaEvent | StreamEndEvent]:
+        # The sync stream, advanced on a thread one event at a time (each hop keeps the task's context).
+        events, done = self.engine.stream(request), object()
+        while (event := await asyncio.to_thread(next, events, done)) is not done:
             yield event
 
     async def close(self) -> None:
@@ -581,4 +237,3 @@ class LocalLM(dspy.LM):
             async_engine=AsyncLocalEngine(engine),
             **kwargs,
         )
-

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import dspy
+
+from rosa2_dspy.stats import bootstrap_ci, solved_by
+
 PHASES = ("generate", "feedback", "words", "weights")
 
 
@@ -32,6 +36,32 @@ class TurnRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TurnRecord:
+        """The record :meth:`to_dict` gave (e.g. read back from JSON); unknown keys are an error."""
+        return cls(**data)
+
+
+@dataclass
+class InteractionResult:
+    """What one :meth:`ROSA2.interact` did: the per-turn records, whether it was solved, in how many turns."""
+
+    trajectory: list[TurnRecord]
+    solved: bool
+    turns: int
+    session_id: str
+
+
+class InteractionPrediction(dspy.Prediction):
+    """The last answer of an interaction: the wrapped program's own fields, untouched (ReAct's ``trajectory``
+    included), plus ROSA2's data under the one reserved attribute ``rosa2`` (an :class:`InteractionResult`).
+
+    ``rosa2`` is an attribute, not a field: ``items()``, ``keys()`` and ``toDict()`` hold the program's
+    fields only, so a metric or ``dspy.Evaluate`` sees exactly what the program answered.
+    """
+
+    rosa2: InteractionResult | None = None  # a class attribute: DSPy then stores it as an attribute, not a field
 
 
 def degenerate(text: str) -> str:
@@ -76,7 +106,13 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
     * ``turns_to_solve``: mean turns over the solved tasks, and ``mean_turns`` over all (unsolved = max);
     * ``correction_uplift``: share of first-turn failures solved later;
     * mean ``‖Δθ‖`` over turns with an applied weights step, and mean seconds per phase per turn;
-    * ``degenerate_final``: share of interactions whose last answer is :func:`degenerate`.
+    * ``degenerate_final``: share of interactions whose last answer is :func:`degenerate`;
+    * ``solved_at``: per task, the turn it was first solved at (None: never), for paired comparisons
+      (:func:`rosa2_dspy.stats.compare_modes`);
+    * 95% bootstrap intervals over tasks (:mod:`rosa2_dspy.stats`, seeded): ``accuracy_per_turn_ci``
+      (one ``[low, high]`` per turn), ``final_accuracy_ci``, ``turns_to_solve_ci`` (over the solved
+      tasks), ``mean_turns_ci`` and ``correction_uplift_ci`` (over the first-turn failures); ``None``
+      where fewer than two tasks enter the statistic.
     """
     n = len(trajectories)
     solved_at = [_first_solved(t) for t in trajectories]
@@ -85,14 +121,22 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
     turns = [r for t in trajectories for r in t]
     norms = [r.delta_norm for r in turns if r.weights and r.weights.get("applied")]
     solved_turns = [s for s in solved_at if s is not None]
+    all_turns = [s if s is not None else max_turns for s in solved_at]
+    accuracy_ci = [bootstrap_ci(solved_by(solved_at, k)) for k in range(1, max_turns + 1)] if n else []
+    corrected = [int(s is not None) for s in first_failures]
     return {
         "tasks": n,
         "accuracy_per_turn": accuracy,
+        "accuracy_per_turn_ci": accuracy_ci,
         "final_accuracy": accuracy[-1] if accuracy else 0.0,
+        "final_accuracy_ci": accuracy_ci[-1] if accuracy_ci else None,
         "turns_to_solve": statistics.mean(solved_turns) if solved_turns else None,
-        "mean_turns": statistics.mean([s if s is not None else max_turns for s in solved_at]) if n else None,
-        "correction_uplift": (sum(1 for s in first_failures if s is not None) / len(first_failures))
-        if first_failures else 0.0,
+        "turns_to_solve_ci": bootstrap_ci(solved_turns),
+        "mean_turns": statistics.mean(all_turns) if n else None,
+        "mean_turns_ci": bootstrap_ci(all_turns),
+        "correction_uplift": sum(corrected) / len(corrected) if corrected else 0.0,
+        "correction_uplift_ci": bootstrap_ci(corrected),
+        "solved_at": solved_at,
         "mean_delta_norm": statistics.mean(norms) if norms else 0.0,
         "seconds_per_turn": {p: statistics.mean(r.times[p] for r in turns) if turns else 0.0 for p in PHASES},
         "degenerate_final": sum(1 for t in trajectories if t and _degenerate_answer(t[-1])) / n if n else 0.0,

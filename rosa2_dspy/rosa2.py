@@ -47,11 +47,14 @@ from dspy.adapters.chat_adapter import field_header_pattern
 
 from rosa2_dspy import persistence
 from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
+from rosa2_dspy.attribution import CallRecorder, extend_parent_trace, tag_predictors
 from rosa2_dspy.errors import FeedbackError, TurnFailedError
-from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback
-from rosa2_dspy.local_lm import LocalLM, LoRAPolicy, lm_scope
-from rosa2_dspy.records import TurnRecord
-from rosa2_dspy.sessions import Call, Session, SessionStore, Turn
+from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback, metric_caller
+from rosa2_dspy.local_lm import LocalLM, lm_scope
+from rosa2_dspy.streaming import listening_to_copies
+from rosa2_dspy.policy import LoRAPolicy
+from rosa2_dspy.records import InteractionPrediction, InteractionResult, TurnRecord
+from rosa2_dspy.sessions import Session, SessionStore, Turn
 from rosa2_dspy.weights import ROSAStep, ScoredResponse, WeightOptimizer
 from rosa2_dspy.words import InstructionRefiner
 
@@ -59,14 +62,30 @@ MODES = ("static", "prompt-only", "param-only", "switch", "joint")
 _WEIGHT_MODES = {"param-only", "switch", "joint"}
 
 
+class _Hidden:
+    """Holds a value out of sight of DSPy's ``named_parameters()`` (as ``dspy.Refine`` hides its reward
+    function), so a ``dspy.Module`` judge used as the feedback source is not tuned or saved with the program."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 class ROSA2(dspy.Module):
     """Wrap a DSPy program so that it adapts its instructions and LoRA weights from feedback, turn by turn.
 
     Args:
-        program: any DSPy module (``dspy.Predict``, ``dspy.ChainOfThought``, a multi-stage pipeline).
-        lm: the actor. A :class:`LocalLM` for the modes that move weights; any ``dspy.LM`` (e.g. a served
-            model) for ``static`` and ``prompt-only``.
-        feedback: a feedback source for :meth:`interact` (DSPy-metric style, see ``rosa2_dspy.feedback``).
+        program: any DSPy module (``dspy.Predict``, ``dspy.ChainOfThought``, ``dspy.ReAct``, ``dspy.BestOfN``,
+            ``dspy.Refine``, a multi-stage pipeline), optimized or not: each session starts from the
+            program's instructions and demos as they are when it starts (see "Sessions" below).
+        lm: the actor. ``None`` (default): the LM configured in DSPy when the module is called
+            (``dspy.configure(lm=...)`` / ``dspy.context(lm=...)``), as for any DSPy module. A :class:`LocalLM`
+            for the modes that move weights; any ``dspy.LM`` (e.g. a served model) for ``static`` and
+            ``prompt-only``.
+        feedback: a feedback source for :meth:`interact`: any DSPy metric (``(example, pred)``,
+            ``(example, pred, trace)``, GEPA's five arguments) or a ``dspy.Module`` judge; it gets ``history=``
+            only if its signature names it (see ``rosa2_dspy.feedback``).
         mode: one of ``static``, ``prompt-only``, ``param-only``, ``switch``, ``joint`` (ROSA2).
         refiner_lm: the words step's LM (e.g. ``dspy.LM("openai/gpt-4o-mini")``); default: the actor.
         refiner_fallback: when the refiner's rewrite is unusable, ``"keep"`` the instruction (default) or
@@ -80,12 +99,20 @@ class ROSA2(dspy.Module):
         compare_words: also compute the weights step under the *original* words (not applied) and record
             its ``‖Δθ‖`` — the Theorem 4.1 comparison; costs one extra gradient pass, timed apart
             (``times["compare_words"]``), not as adaptation.
+        expose_refiner: show the refiner's predictor to a parent's ``named_predictors()`` (so a parent's
+            optimizer tunes and saves it). Off by default: like ``dspy.Refine``'s reward function, the
+            refiner is ROSA2's machinery, not part of the program.
+
+    Sessions: a new session takes the wrapped program's instructions and demos as they are when it starts,
+    and keeps following the program until its first turn closes (so an optimizer that changes the program,
+    even through this wrapper, is always evaluated and adapted from its current state); from then on the
+    session owns its words. Sessions carried over or loaded keep the words they had.
 
     Example:
         >>> rosa2 = ROSA2(dspy.ChainOfThought("question -> answer"), lm=LocalLM(),   # doctest: +SKIP
         ...               feedback=my_metric, mode="joint")
         >>> result = rosa2.interact(dspy.Example(question="...", answer="...").with_inputs("question"))
-        >>> [r.reward for r in result.trajectory]
+        >>> result.answer, [r.reward for r in result.rosa2.trajectory]
         >>> with ThreadPoolExecutor(8) as pool:                   # many users, one instance, batched
         ...     results = list(pool.map(rosa2.interact, examples))
     """
@@ -93,7 +120,7 @@ class ROSA2(dspy.Module):
     def __init__(
         self,
         program: dspy.Module,
-        lm: dspy.BaseLM,
+        lm: dspy.BaseLM | None = None,
         feedback: FeedbackFn | None = None,
         *,
         mode: str = "joint",
@@ -105,39 +132,115 @@ class ROSA2(dspy.Module):
         threshold: float = 1.0,
         switch_patience: int = 1,
         compare_words: bool = False,
+        expose_refiner: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        if mode in _WEIGHT_MODES and not isinstance(lm, LocalLM):
-            raise TypeError(
-                f"mode={mode!r} updates weights, which needs a LocalLM actor (a transformers + PEFT model); "
-                f"got {type(lm).__name__}. Use mode='prompt-only' or 'static' with a served model."
-            )
+        if lm is not None:
+            self._check_actor(lm, mode)
         if not program.named_predictors():
             raise ValueError("The wrapped program has no dspy.Predict inside; ROSA2 adapts predictors' instructions.")
         self.program = program
         self.lm = lm
-        self.feedback_fn = feedback
+        self.feedback_fn = feedback  # an unsupported shape fails here, not after the first turn
         self.mode = mode
         self.refiner = InstructionRefiner(lm=refiner_lm or lm, fallback=refiner_fallback)
+        # DSPy's way to keep a sub-module away from optimizers: a compiled (frozen) module is left out of
+        # a parent's named_parameters()/named_predictors(), and so from its optimizers and saves.
+        self.refiner._compiled = not expose_refiner
         self.weights = weights or ROSAStep()
-        self.adapter = adapter or getattr(lm, "default_adapter", None) or LenientChatAdapter()
+        self._adapter = adapter
+        self._fallback_adapter = LenientChatAdapter()
         self.max_turns = max_turns
         self.threshold = threshold
         self.switch_patience = switch_patience
         self.compare_words = compare_words
-        self.original_instructions = {n: p.signature.instructions for n, p in program.named_predictors()}
         self.store = SessionStore(self._fresh_state)
+        self.adaptation = persistence.AdaptationState(self)  # the sessions, as a DSPy parameter (save/load)
+
+    @property
+    def feedback_fn(self) -> FeedbackFn | None:
+        """The feedback source :meth:`interact` calls (kept out of ``named_predictors()``)."""
+        return self._feedback.value
+
+    @feedback_fn.setter
+    def feedback_fn(self, feedback: FeedbackFn | None) -> None:
+        if feedback is not None:
+            metric_caller(feedback)
+        self._feedback = _Hidden(feedback)
+
+    # ------------------------------------------------------------------ the actor
+
+    @staticmethod
+    def _check_actor(lm: Any, mode: str) -> None:
+        if mode in _WEIGHT_MODES and not isinstance(lm, LocalLM):
+            got = "no LM" if lm is None else type(lm).__name__
+            raise TypeError(
+                f"mode={mode!r} updates weights, which needs a LocalLM actor (a transformers + PEFT model); "
+                f"got {got}. Pass ROSA2(..., lm=LocalLM(...)) or configure one with dspy.configure(lm=LocalLM(...)) "
+                "/ dspy.context(lm=LocalLM(...)); or use mode='prompt-only' or 'static' with a served model."
+            )
+
+    @property
+    def actor(self) -> dspy.BaseLM | None:
+        """The LM that answers: ``lm`` if given, else the LM the program's predictors were set to (if they
+        share one), else the one configured in DSPy at call time (``dspy.configure`` / ``dspy.context``)."""
+        if self.lm is not None:
+            return self.lm
+        try:
+            own = self.program.get_lm()
+        except ValueError:  # predictors set to different LMs: each runs its own, the configured LM is the actor
+            own = None
+        return own or dspy.settings.lm
+
+    def _weights_actor(self) -> dspy.BaseLM | None:
+        """The actor, checked for this mode: a weight mode needs a LocalLM (raises TypeError saying what to do)."""
+        actor = self.actor
+        self._check_actor(actor, self.mode)
+        return actor
+
+    @property
+    def adapter(self) -> dspy.Adapter:
+        """The actor's DSPy adapter (used by the refiner too): the one given, else the actor's
+        ``default_adapter`` (a :class:`LocalLM`'s, ``LocalLM(adapter=...)``), else :class:`LenientChatAdapter`."""
+        return self._adapter or getattr(self.actor, "default_adapter", None) or self._fallback_adapter
+
+    @adapter.setter
+    def adapter(self, adapter: dspy.Adapter | None) -> None:
+        self._adapter = adapter
+
+    @property
+    def policy(self) -> LoRAPolicy | None:
+        """The actor's torch side (its :class:`LoRAPolicy`), or None when the actor is not a LocalLM."""
+        actor = self.actor
+        return actor.policy if isinstance(actor, LocalLM) else None
 
     # ------------------------------------------------------------------ sessions
 
     @property
-    def policy(self) -> LoRAPolicy | None:
-        return self.lm.policy if isinstance(self.lm, LocalLM) else None
+    def original_instructions(self) -> dict[str, str]:
+        """The wrapped program's current instruction per predictor: what a new session starts from.
+
+        Read from the program each time, so instructions an optimizer, ``load_state`` or a parent's ``load``
+        set after wrapping are what new sessions start from. Setting it sets the program's instructions.
+        """
+        return {n: p.signature.instructions for n, p in self.program.named_predictors()}
+
+    @original_instructions.setter
+    def original_instructions(self, instructions: dict[str, str]) -> None:
+        for name, predictor in self.program.named_predictors():
+            if name in instructions:
+                predictor.signature = predictor.signature.with_instructions(instructions[name])
 
     def _fresh_state(self) -> tuple[dict[str, str], torch.Tensor | None]:
-        return dict(self.original_instructions), self.policy.initial_adapter_vector if self.policy else None
+        """A new session starts from the program's current words and the model's own adapter (the initial
+        one, unless the model was trained offline, e.g. by ``ROSAStep().compile``, or loaded)."""
+        policy = self.policy
+        if policy is None:
+            return self.original_instructions, None
+        with policy.lock:
+            return self.original_instructions, policy.adapter_vector()
 
     @property
     def sessions(self) -> dict[str, Session]:
@@ -155,7 +258,7 @@ class ROSA2(dspy.Module):
         return self.store.current()
 
     def start_session(self, session_id: str | None = None, carry_over_from: str | None = None) -> str:
-        """Start a conversation and make it the default session: original instructions and the initial
+        """Start a conversation and make it the default session: the program's current instructions and the initial
         adapter, or, with ``carry_over_from``, that session's instructions and adapter."""
         return self.store.start(session_id, carry_over_from, make_default=True)
 
@@ -170,7 +273,7 @@ class ROSA2(dspy.Module):
         return self.store.use(session_id)
 
     def reset_session(self, session_id: str | None = None) -> None:
-        """Back to the original instructions and initial adapter; the turns are forgotten."""
+        """Back to the program's current instructions and the initial adapter; the turns are forgotten."""
         self.store.reset(session_id or self.session.session_id)
 
     def end_session(self, session_id: str) -> None:
@@ -179,31 +282,43 @@ class ROSA2(dspy.Module):
     # ------------------------------------------------------------------ one turn: forward
 
     def _program_with(self, instructions: dict[str, str]) -> dspy.Module:
-        """A copy of the wrapped program running ``instructions`` (the original is never modified, so
-        concurrent sessions each see their own words)."""
+        """A copy of the wrapped program (its current demos included) running ``instructions``, each predictor
+        tagged with its name so that calls of its copies are attributed to it. The original is never
+        modified, so concurrent sessions each see their own words."""
         program = self.program.deepcopy()
         for name, predictor in program.named_predictors():
-            predictor.signature = predictor.signature.with_instructions(instructions[name])
+            if name in instructions:
+                predictor.signature = predictor.signature.with_instructions(instructions[name])
+        tag_predictors(program)
         return program
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Run the wrapped program once in the calling context's session. Its feedback goes to :meth:`adapt`."""
+        actor = self._weights_actor()
+        policy = actor.policy if isinstance(actor, LocalLM) else None
         session = self.store.current()
         with session.lock:  # a consistent snapshot; the answer itself is computed outside the lock
+            if session.follows_program and not session.turns:
+                session.instructions = self.original_instructions
+            if session.adapter is None and policy is not None:  # started before a LocalLM was configured
+                with policy.lock:
+                    session.adapter = policy.adapter_vector()
             instructions, adapter_vector, turns = dict(session.instructions), session.adapter, list(session.turns)
         program = self._program_with(instructions)
         adapter = self._conversation_adapter(program, turns) if self.mode == "static" else self.adapter
         raw: list = []
+        recorder = CallRecorder(raw)
+        callbacks = [*(dspy.settings.get("callbacks") or []), recorder]
+        parent_trace = dspy.settings.trace
         start = time.perf_counter()
-        with lm_scope(adapter_vector, raw), dspy.context(lm=self.lm, adapter=adapter, trace=[], track_usage=True):
+        settings = {"lm": actor, "adapter": adapter, "trace": [], "track_usage": True, "callbacks": callbacks,
+                    **listening_to_copies(self.program, program, adapter)}
+        with lm_scope(adapter_vector, raw), dspy.context(**settings):
             prediction = program(**inputs)
             trace = list(dspy.settings.trace)
         elapsed = time.perf_counter() - start
-        names = {id(p): n for n, p in program.named_predictors()}
-        calls = [Call(names[id(p)], dict(i), dict(o.items())) for p, i, o in trace if id(p) in names]
-        if len(raw) == len(calls):  # one LM call per predictor call: keep what the model really wrote
-            for call, completion in zip(calls, raw):
-                call.completion = completion.text
+        calls = recorder.calls(trace)
+        extend_parent_trace(parent_trace, trace, self.program)
         record = TurnRecord(turn=len(turns) + 1, mode=self.mode, instructions=instructions,
                             outputs={k: v for k, v in prediction.items()})
         record.times["generate"] = elapsed
@@ -215,12 +330,11 @@ class ROSA2(dspy.Module):
         return prediction
 
     def _conversation_adapter(self, program: dspy.Module, turns: list[Turn]) -> ConversationAdapter:
-        by_signature: dict[int, list] = {}
-        for name, predictor in program.named_predictors():
-            by_signature[id(predictor.signature)] = [
-                (c.inputs, c.outputs, t.record.feedback) for t in turns for c in t.calls if c.predictor == name
-            ]
-        return ConversationAdapter(by_signature, base=self.adapter)
+        return ConversationAdapter.bound([
+            (predictor.signature,
+             [(c.inputs, c.outputs, t.record.feedback) for t in turns for c in t.calls if c.predictor == name])
+            for name, predictor in program.named_predictors()
+        ], base=self.adapter)
 
     # ------------------------------------------------------------------ one turn: feedback, words, weights
 
@@ -232,6 +346,7 @@ class ROSA2(dspy.Module):
         returns. Empty or malformed feedback raises :class:`FeedbackError` and the turn stays pending,
         so nothing is lost and the call can be repeated with valid feedback.
         """
+        self._weights_actor()  # a weight mode needs a LocalLM now too: fail before the turn is touched
         session = self.store.current()
         with session.lock:
             if session.pending is None:
@@ -362,14 +477,17 @@ class ROSA2(dspy.Module):
                  carry_over_from: str | None = None) -> dspy.Prediction:
         """Run a whole interaction on ``example`` with the feedback source, in a new session of its own.
 
-        Returns the last prediction's fields plus ``trajectory`` (one :class:`TurnRecord` per turn),
-        ``solved``, ``turns`` and ``session_id``. Stops once solved or after ``max_turns``. Safe to call
+        Returns the last prediction: the wrapped program's fields as it returned them, and ROSA2's data under
+        the reserved attribute ``rosa2`` (an :class:`~rosa2_dspy.records.InteractionResult`: ``trajectory``,
+        one :class:`TurnRecord` per turn, ``solved``, ``turns``, ``session_id``), so it never collides with
+        the program's own fields (ReAct's ``trajectory``). Stops once solved or after ``max_turns``. Safe to call
         from many threads at once on one instance: each interaction runs in its own session, and their
         model work is batched together. The new session also becomes the default one (for a single user
         who then calls ``rosa2(...)`` / ``rosa2.session``).
         """
         if self.feedback_fn is None:
             raise ValueError("interact() needs a feedback source: ROSA2(..., feedback=my_metric).")
+        self._weights_actor()  # before a session is opened
         max_turns = max_turns or self.max_turns
         session_id = self.store.start(session_id, carry_over_from=carry_over_from)
         self.store.default_id = session_id
@@ -390,8 +508,25 @@ class ROSA2(dspy.Module):
                     if verdict.solved:
                         break
             trajectory = session.history
-        return dspy.Prediction(**dict(prediction.items()), trajectory=trajectory, solved=bool(trajectory[-1].solved),
-                               turns=len(trajectory), session_id=session_id)
+        result = InteractionPrediction(**dict(prediction.items()))
+        result.set_lm_usage(prediction.get_lm_usage())
+        result.rosa2 = InteractionResult(trajectory=trajectory, solved=bool(trajectory[-1].solved),
+                                         turns=len(trajectory), session_id=session_id)
+        return result
+
+    def as_interaction(self, max_turns: int | None = None, keep_sessions: bool = False) -> dspy.Module:
+        """This module as a DSPy program that runs one whole interaction per call, for ``dspy.Evaluate``
+        (see ``rosa2_dspy.interactions``)."""
+        from rosa2_dspy.interactions import Interaction
+
+        return Interaction(self, max_turns=max_turns, keep_sessions=keep_sessions)
+
+    def evaluate(self, devset: list[dspy.Example], metric: Any = None, **kwargs: Any) -> Any:
+        """``dspy.Evaluate`` over whole interactions, each example its own session; the result carries the
+        per-turn metrics as ``summary`` (see ``rosa2_dspy.interactions.evaluate``)."""
+        from rosa2_dspy.interactions import evaluate
+
+        return evaluate(self, devset, metric, **kwargs)
 
     # ------------------------------------------------------------------ async twins
 
@@ -415,15 +550,59 @@ class ROSA2(dspy.Module):
 
     # ------------------------------------------------------------------ saving and loading
 
-    def save(self, path: str | Path, **_: Any) -> Path:
-        """Save the program's state and every session (instructions, turns, adapter) to a folder.
+    def save(self, path: str | Path, save_program: bool = False, modules_to_serialize: list | None = None) -> Path:
+        """Save the program's state and every session (instructions, turns, adapter), DSPy's way.
 
-        ``state.json`` holds the program state (DSPy's ``dump_state``) and the sessions; each session's
-        adapter is a PEFT folder (``adapter_model.safetensors`` + ``adapter_config.json``).
+        * ``save("rosa2.json")``: the state in ``rosa2.json``, the adapters beside it in ``rosa2.adapters/``;
+        * ``save("folder/")`` (no ``.json`` suffix): a folder with ``state.json``, ``adapters/<session>/``
+          and a manifest (see ``rosa2_dspy.persistence``);
+        * ``save("rosa2.pkl")`` and ``save("dir", save_program=True)``: DSPy's pickle forms; the model is
+          pickled as a handle and the adapters as safetensors bytes.
+
+        Each adapter is a PEFT folder's files (``adapter_model.safetensors`` + ``adapter_config.json``).
+        A parent program that contains this module saves the same state through its own ``save``. Adapters
+        are written through the actor's model: with ``lm=None``, save under the LocalLM you configured.
         """
-        return persistence.save(self, path)
+        if save_program or Path(path).suffix == ".pkl":
+            super().save(path, save_program=save_program, modules_to_serialize=modules_to_serialize)
+            return Path(path)
+        return persistence.save(self, path)  # refuses adapters without their LocalLM
 
-    def load(self, path: str | Path, **_: Any) -> "ROSA2":
-        """Load what :meth:`save` wrote. Everything is read and checked before anything is replaced."""
-        persistence.load(self, path)
+    def load(self, path: str | Path, allow_pickle: bool = False, allow_unsafe_lm_state: bool = False) -> "ROSA2":
+        """Load what :meth:`save` wrote (a ``.json`` file, a folder, or with ``allow_pickle`` a ``.pkl``).
+        Everything is read and checked before anything is replaced."""
+        self._weights_actor()  # a weight mode reads the adapters through the actor's model
+        if Path(path).suffix == ".pkl":
+            super().load(path, allow_pickle=allow_pickle, allow_unsafe_lm_state=allow_unsafe_lm_state)
+        else:
+            persistence.load(self, path)
         return self
+
+    def named_parameters(self):
+        # ``adaptation`` last: a parent's load_state applies it after the program's predictors.
+        params = super().named_parameters()
+        return [p for p in params if p[1] is not self.adaptation] + [p for p in params if p[1] is self.adaptation]
+
+    def __deepcopy__(self, memo: dict) -> "ROSA2":
+        # What copy.deepcopy did before __getstate__ existed (which pickling needs): a field-by-field copy.
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            if key not in ("history", "callbacks"):
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        clone.history, clone.callbacks = [], []
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``save_program=True``): sessions travel in the embedded state form (adapters as
+        safetensors bytes), the model as a handle that re-attaches on load; no locks, no live tensors."""
+        state = super().__getstate__()
+        state["store"] = None
+        state["_sessions_state"] = persistence.dump_state(self)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        sessions = state.pop("_sessions_state")
+        super().__setstate__(state)
+        self.store = SessionStore(self._fresh_state)
+        persistence.load_state(self, sessions, where="the pickled ROSA2 state")

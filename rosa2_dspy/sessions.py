@@ -78,6 +78,9 @@ class Session:
     axis: str = "words"  # switch mode: the axis being moved
     stall: int = 0
     best_reward: float = -1.0
+    # True for a fresh session: until its first turn closes it runs the program's *current* instructions
+    # (an optimizer may still be changing them); False for carried-over and loaded sessions, which keep theirs.
+    follows_program: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
@@ -88,7 +91,7 @@ class Session:
         with self.lock:
             return Session(self.session_id, copy.deepcopy(self.instructions, memo), _clone(self.adapter),
                            copy.deepcopy(self.turns, memo), copy.deepcopy(self.pending, memo), self.axis,
-                           self.stall, self.best_reward)
+                           self.stall, self.best_reward, self.follows_program)
 
 
 class SessionStore:
@@ -162,7 +165,8 @@ class SessionStore:
                     instructions, adapter = dict(source.instructions), _clone(source.adapter)
             else:
                 instructions, adapter = self._fresh()
-            self._sessions[session_id] = Session(session_id, instructions, adapter)
+            self._sessions[session_id] = Session(session_id, instructions, adapter,
+                                                 follows_program=carry_over_from is None)
             if make_default:
                 self.default_id = session_id
             return session_id
@@ -172,7 +176,7 @@ class SessionStore:
         with self._lock:
             old = self.get(session_id)
             instructions, adapter = self._fresh()
-            self._sessions[session_id] = Session(old.session_id, instructions, adapter)
+            self._sessions[session_id] = Session(old.session_id, instructions, adapter, follows_program=True)
 
     def end(self, session_id: str) -> None:
         with self._lock:

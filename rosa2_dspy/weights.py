@@ -45,7 +45,8 @@ from typing import Any, Literal
 import torch
 from dspy.teleprompt import Teleprompter
 
-from rosa2_dspy.local_lm import ChatMessages, LocalLM, LoRAPolicy
+from rosa2_dspy.local_lm import LocalLM
+from rosa2_dspy.policy import ChatMessages, LoRAPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +148,28 @@ class WeightOptimizer(Teleprompter):
         self.max_backtracks = max_backtracks
         self._previous: torch.Tensor | None = None
 
-    # -- DSPy teleprompter entry point
-    def compile(self, student: LocalLM | LoRAPolicy, *, trainset: Sequence[ScoredResponse], **_: Any):
-        """Apply one step to ``student`` from ``trainset`` (scored responses) and return the student."""
-        self.last_step = self.step(_policy_of(student), trainset)
-        return student
+    # -- DSPy teleprompter entry point (the loop lives in rosa2_dspy.teleprompt)
+    def compile(self, student: Any, *, trainset: Sequence[Any], metric: Any = None, teacher: Any = None,
+                valset: Any = None, batch_size: int = 1, epochs: int = 1, use_labels: bool = True,
+                lm: Any = None, adapter: Any = None, threshold: float = 1.0, **_: Any):
+        """ROSA as a DSPy teleprompter: adapt ``student``'s local model to ``metric`` on ``trainset``.
+
+        ``student`` is any DSPy program on a :class:`LocalLM`; ``trainset`` holds ``dspy.Example``\ s. It
+        runs the student on each example, scores it with ``metric`` (DSPy arities 2 and 3; labels and
+        revealed references join as preferred answers unless ``use_labels=False``) and applies one weights
+        step per ``batch_size`` examples, ``epochs`` times; returns the student, whose LocalLM now holds the
+        adapted adapter. See ``rosa2_dspy.teleprompt``. ``teacher`` and ``valset`` are not used.
+
+        The older form ``compile(lm_or_policy, trainset=[ScoredResponse, ...])`` takes one step from the
+        given responses.
+        """
+        if isinstance(student, (LocalLM, LoRAPolicy)):
+            self.last_step = self.step(_policy_of(student), trainset)
+            return student
+        from rosa2_dspy.teleprompt import compile_program
+
+        return compile_program(self, student, trainset, metric, batch_size=batch_size, epochs=epochs,
+                               use_labels=use_labels, lm=lm, adapter=adapter, threshold=threshold)
 
     def advantages(self, responses: Sequence[ScoredResponse]) -> torch.Tensor:
         rewards = torch.tensor([float(r.reward) for r in responses], dtype=torch.float64)

@@ -59,11 +59,46 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
 
 
 def make_tiny_policy(dtype: str = "float32", seed: int = 0, **lora_kwargs):
-    from rosa2_dspy.local_lm import LoRAPolicy, LoRASettings
+    from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(len(tokenizer), seed=seed)
     return LoRAPolicy(model, tokenizer, lora=LoRASettings(rank=4, alpha=8, **lora_kwargs), dtype=dtype)
+
+
+SCRIPT = ["[[ ## answer ## ]]\n", "It", " is", " five", ".", "\n\n", "[[ ## completed ## ]]"]
+
+
+def make_scripted_policy(script: list[str] = SCRIPT):
+    """A tiny model that writes ``script`` after any chat prompt (which ends in a newline), as a model that
+    follows DSPy's format would: a one-layer Llama reduced to a bigram table (attention and MLP outputs
+    zeroed, so the next token depends on the current one only) whose head maps each token of the script to
+    the next; each piece of the script is one added token. Adapters change nothing in it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rosa2_dspy.policy import LoRAPolicy, LoRASettings
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens([piece for piece in script if len(piece) > 1])  # one token per piece of the script
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+                         bos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    chain = [tokenizer.convert_tokens_to_ids("Ċ")]  # the newline that ends every chat prompt
+    chain += [tokenizer(piece, add_special_tokens=False)["input_ids"][0] for piece in script]
+    chain += [tokenizer.eos_token_id]
+    assert len(set(chain)) == len(chain), "a bigram table needs every token of the script once"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        unit = torch.nn.functional.normalize(model.model.embed_tokens.weight, dim=-1)
+        head = torch.zeros_like(model.lm_head.weight)
+        for token, successor in zip(chain, chain[1:]):
+            head[successor] += 10 * unit[token]
+        model.lm_head.weight.copy_(head)
+    return LoRAPolicy(model, tokenizer, lora=LoRASettings(rank=4, alpha=8))
 
 
 @pytest.fixture
@@ -76,6 +111,13 @@ def tiny_lm(tiny_policy):
     from rosa2_dspy.local_lm import LocalLM
 
     return LocalLM(tiny_policy, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def scripted_lm():
+    from rosa2_dspy.local_lm import LocalLM
+
+    return LocalLM(make_scripted_policy(), max_tokens=24)
 
 
 @pytest.fixture

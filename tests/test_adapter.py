@@ -164,6 +164,13 @@ def test_conversation_adapter_replays_turns_in_the_plain_form():
     ]
     assert adapter.parse(signature, "3000 m") == {"answer": "3000 m"}
     assert isinstance(ConversationAdapter({}).base, LenientChatAdapter)  # the default base is unchanged
+    # bound(): turns and base live on the class, so a module that re-creates the adapter from its class
+    # (dspy.Refine: class Wrapper(adapter.__class__), then Wrapper()) keeps both.
+    bound = ConversationAdapter.bound([(signature, turns[id(signature)])], base=base)
+    recreated = type("Wrapper", (bound.__class__,), {})()
+    assert recreated.base is base
+    inputs = {"question": QUESTION}
+    assert recreated.format(signature, [], inputs) == adapter.format(signature, [], inputs)
 
 
 def test_local_lm_default_adapter_is_configurable_and_rosa2_uses_it(tiny_policy):
@@ -182,6 +189,10 @@ def test_local_lm_default_adapter_is_configurable_and_rosa2_uses_it(tiny_policy)
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
     assert sent[1]["content"] == QUESTION and "[[ ##" not in sent[0]["content"]
     assert sent[3]["content"] == f"Feedback on your previous answer: I meant meters.\n\n{QUESTION}"
+    configured = ROSA2(dspy.Predict("question -> answer"), mode="static")  # the actor: DSPy's configured LM
+    with dspy.context(lm=lm):
+        assert configured.adapter is lm.default_adapter
+    assert isinstance(configured.adapter, LenientChatAdapter)  # no LM configured: DSPy's format, leniently
     explicit = LenientChatAdapter()
     assert ROSA2(dspy.Predict("question -> answer"), lm, mode="static", adapter=explicit).adapter is explicit
 

@@ -156,9 +156,9 @@ def build(lm, mode="joint"):
 
 
 def summary(result, rosa2):
-    session = rosa2.sessions[result.session_id]
+    session = rosa2.sessions[result.rosa2.session_id]
     records = [(r.turn, r.reward, r.outputs, r.instructions, r.refined_instructions, r.delta_norm > 0,
-                r.weights and r.weights["applied"]) for r in result.trajectory]
+                r.weights and r.weights["applied"]) for r in result.rosa2.trajectory]
     completions = [c.completion for t in session.turns for c in t.calls]
     return records, completions, session.adapter
 
@@ -180,7 +180,7 @@ def test_a_thread_pool_over_interact_on_one_instance_equals_the_sequential_run(t
         results = list(pool.map(rosa2.interact, EXAMPLES))
     concurrent = [summary(r, rosa2) for r in results]
     assert_same_as_sequential(sequential, concurrent)
-    assert len({r.session_id for r in results}) == 4
+    assert len({r.rosa2.session_id for r in results}) == 4
     generate_passes = tiny_lm.policy.batcher.passes["generate"] - passes_before["generate"]
     assert generate_passes < 4 * 3  # the four conversations shared passes
     # the model itself never holds a conversation's adapter

@@ -12,6 +12,7 @@ from conftest import make_tiny_policy
 from rosa2_dspy.adapter import LenientChatAdapter
 from rosa2_dspy.errors import AdapterLoadError, ModelPackageMissingError
 from rosa2_dspy.local_lm import LocalLM
+from rosa2_dspy.policy import LoRASettings
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+3?"}]
 
@@ -144,7 +145,7 @@ def test_corrupt_adapter_is_refused_and_changes_nothing(tiny_policy, tmp_path):
 
 def test_mismatched_adapter_is_refused(tiny_policy, tmp_path):
     from conftest import build_tiny_model, build_tiny_tokenizer
-    from rosa2_dspy.local_lm import LoRAPolicy, LoRASettings
+    from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 
     tok = build_tiny_tokenizer()
     rank8 = LoRAPolicy(build_tiny_model(len(tok)), tok, lora=LoRASettings(rank=8, alpha=16))
@@ -244,3 +245,24 @@ def test_bfloat16_model_keeps_a_float32_adapter_that_steps_and_round_trips(tmp_p
     policy.reset_adapter()
     policy.load_adapter(tmp_path / "bf16")
     assert torch.equal(policy.adapter_vector(), adapted)
+
+
+def test_a_pickled_local_lm_is_a_handle_rebuilt_from_its_folder_elsewhere(tiny_model_dir):
+    """save_program=True pickles programs: the model goes in as a handle, never as weights or locks."""
+    import pickle
+
+    import cloudpickle
+
+    from rosa2_dspy import policy as policy_module
+
+    lm = LocalLM(str(tiny_model_dir), lora=LoRASettings(rank=4, alpha=8), max_tokens=8)
+    adapted = lm.policy.initial_adapter_vector + 0.01
+    lm.policy.set_adapter_vector(adapted)
+    data = cloudpickle.dumps(lm)
+    assert len(data) < 50_000
+    assert pickle.loads(data).policy is lm.policy  # same process: re-attached to the live model
+    policy_module._LIVE_POLICIES.pop(lm.policy.key)  # as in a process that never loaded it
+    rebuilt = pickle.loads(data)
+    assert rebuilt.policy is not lm.policy
+    assert torch.equal(rebuilt.policy.adapter_vector(), adapted)  # the adapter travels as safetensors bytes
+    assert rebuilt("Hi") == lm("Hi")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dspy
 import pytest
 import torch
 
+from rosa2_dspy.adapter import LenientChatAdapter
 from rosa2_dspy.weights import IterativeTTT, NoUpdate, ROSAStep, ScoredResponse
 
 PROMPT = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "What is 2+3?"}]
@@ -200,3 +202,62 @@ def test_kl_bound_is_validated():
     with pytest.raises(ValueError):
         ROSAStep(max_backtracks=-1)
     assert ROSAStep(max_kl=None).max_kl is None
+
+
+# ---------------------------------------------------------------- the teleprompter contract (issue 11, item 6)
+
+TRAINSET = [dspy.Example(question=q, answer=a).with_inputs("question")
+            for q, a in [("What is 2+3?", "5"), ("What is 1+1?", "2"), ("What is 3+4?", "7"), ("What is 2+2?", "4")]]
+
+
+def exact(example, prediction):
+    return float(prediction.answer.strip() == example.answer)
+
+
+def exact_with_trace(example, prediction, trace=None):
+    return exact(example, prediction)
+
+
+@pytest.mark.parametrize("metric, batch_size", [(exact, 1), (exact_with_trace, 2), (exact, 4)])
+def test_compile_adapts_a_dspy_programs_model_towards_the_metrics_preferred_answers(tiny_lm, metric, batch_size):
+    program = dspy.Predict("question -> answer")
+    policy = tiny_lm.policy
+    adapter = LenientChatAdapter()
+
+    def preferred_logprobs():  # log pi(label | the prompt the program sends), under the policy's own adapter
+        return [policy.logprob(adapter.format(program.signature, [], e.inputs()), e.answer).total for e in TRAINSET]
+
+    before, start = preferred_logprobs(), policy.adapter_vector()
+    optimizer = ROSAStep(beta=0.5, max_norm=1.0)
+    with dspy.context(lm=tiny_lm):  # the LocalLM comes from DSPy's settings, as for any DSPy program
+        student = optimizer.compile(program, trainset=TRAINSET, metric=metric, batch_size=batch_size)
+    after = preferred_logprobs()
+
+    assert student is program
+    assert not torch.equal(policy.adapter_vector(), start)
+    assert len(optimizer.history) == len(TRAINSET) // batch_size
+    assert all(h["step"]["applied"] for h in optimizer.history)
+    assert all(h["mean_score"] == 0.0 for h in optimizer.history)  # the untrained tiny model never answers right
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+
+def test_compile_takes_the_lm_from_the_programs_predictors_and_refuses_a_served_lm(tiny_lm):
+    program = dspy.Predict("question -> answer")
+    program.set_lm(tiny_lm)
+    start = tiny_lm.policy.adapter_vector()
+    ROSAStep().compile(program, trainset=TRAINSET[:1], metric=exact)
+    assert not torch.equal(tiny_lm.policy.adapter_vector(), start)
+    served = dspy.Predict("question -> answer")
+    served.set_lm(dspy.LM("openai/gpt-4o-mini"))
+    with pytest.raises(TypeError, match="LocalLM"):
+        ROSAStep().compile(served, trainset=TRAINSET, metric=exact)
+
+
+def test_the_baselines_take_the_same_teleprompter_contract(tiny_lm):
+    start = tiny_lm.policy.adapter_vector()
+    with dspy.context(lm=tiny_lm):
+        NoUpdate().compile(dspy.Predict("question -> answer"), trainset=TRAINSET[:2], metric=exact)
+        assert torch.equal(tiny_lm.policy.adapter_vector(), start)
+        IterativeTTT(steps=2, lr=1e-2).compile(dspy.Predict("question -> answer"), trainset=TRAINSET[:2],
+                                               metric=exact, batch_size=2)
+    assert not torch.equal(tiny_lm.policy.adapter_vector(), start)

@@ -4,17 +4,18 @@ A feedback source is any callable in DSPy's metric style, as GEPA metrics are::
 
     feedback_fn(example, prediction, trace=None, history=None) -> float | dspy.Prediction
 
+(any DSPy metric shape works: ``(example, pred)``, ``(example, pred, trace)``, GEPA's
+``(gold, pred, trace, pred_name, pred_trace)``, or a ``dspy.Module`` judge with such a ``forward``),
 returning either a bare score in [0, 1] or a prediction with ``score`` and ``feedback`` (text), and
 optionally ``solved`` (bool; default ``score >= threshold``) and ``reference`` (a dict of output-field
 values when the feedback reveals the answer, which the weights step uses as a high-reward response).
-``history`` (the earlier turns' records) is passed only to callables that accept it, so plain GEPA
-metrics ``(gold, pred, trace, pred_name, pred_trace)`` plug in unchanged. Verifiers, simulated users and
+``history`` (the earlier turns' records) is passed only to callables whose signature names it, so plain
+DSPy and GEPA metrics plug in unchanged. Verifiers, simulated users and
 LLM judges all fit this shape; :func:`as_feedback` checks and normalises what they return.
 """
 
 from __future__ import annotations
 
-import inspect
 import math as _math  # aliased: the submodule rosa2_dspy.feedback.math would shadow the name
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import dspy
 
 from rosa2_dspy.errors import FeedbackError
+from rosa2_dspy.feedback._common import metric_caller
 
 FeedbackFn = Callable[..., "float | dspy.Prediction"]
 
@@ -68,17 +70,12 @@ def as_feedback(result: Any, threshold: float = 1.0) -> Feedback:
 
 def call_feedback(fn: FeedbackFn, example: Any, prediction: Any, trace: Any = None,
                   history: list[Any] | None = None, threshold: float = 1.0) -> Feedback:
-    """Call a feedback source the DSPy-metric way, passing ``history`` only if it takes it."""
-    try:
-        params = inspect.signature(fn).parameters
-        takes_history = "history" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    except (TypeError, ValueError):
-        takes_history = False
-    result = fn(example, prediction, trace, history=history) if takes_history else fn(example, prediction, trace)
-    return as_feedback(result, threshold)
+    """Call a feedback source the DSPy-metric way (any metric arity, or a ``dspy.Module`` judge; see
+    :func:`~rosa2_dspy.feedback._common.metric_caller`), passing ``history`` only if its signature names it."""
+    return as_feedback(metric_caller(fn)(example, prediction, trace, history), threshold)
 
 
-__all__ = ["Feedback", "FeedbackFn", "as_feedback", "call_feedback"]
+__all__ = ["Feedback", "FeedbackFn", "as_feedback", "call_feedback", "metric_caller"]
 
 # The concrete sources, imported last: they build on the protocol above.
 from rosa2_dspy.feedback.code import CodeVerifier  # noqa: E402

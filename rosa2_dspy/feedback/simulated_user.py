@@ -3,6 +3,17 @@
 How much the user gives away is the experiment's knob: ``reveal="none"`` (only "wrong" and why),
 ``"hint"`` (also a hint, and the hidden intent of an underspecified task), ``"answer"`` (also the gold,
 which is returned as ``reference`` so the weights step can use it as a high-reward response).
+
+Experiments name what the user gives away as a **feedback protocol** (:data:`PROTOCOLS`), each one a
+setting of these same reveal options (:func:`protocol_settings`; :attr:`SimulatedUser.protocol` names a
+user's settings back):
+
+* ``none``: only "wrong" and the verifier's message (``reveal="none"``);
+* ``hint``: also a hint, and the hidden intent of an underspecified task; never the answer
+  (``reveal="hint"``, no ``reveal_after``);
+* ``answer``: also the reference answer from turn ``reveal_after`` on (a hint before; ``reveal="hint"``
+  with ``reveal_after``, 1 by default), which the weights step may use. A win under this protocol shows
+  that the model can *learn a revealed answer*, not that it corrects itself from feedback.
 """
 
 from __future__ import annotations
@@ -17,6 +28,32 @@ from rosa2_dspy.feedback.math import extract_answer, to_number
 
 Reveal = Literal["none", "hint", "answer"]
 REVEALS = ("none", "hint", "answer")
+
+Protocol = Literal["none", "hint", "answer"]
+PROTOCOLS: dict[str, str] = {
+    "none": "no reveal: only \"wrong\" and the verifier's message",
+    "hint": "hints and the hidden intent, never the answer",
+    "answer": "learning a revealed answer",
+}
+
+
+def protocol_settings(protocol: str, reveal_after: int | None = 1) -> dict[str, Any]:
+    """The :class:`SimulatedUser` reveal options of a named protocol (``reveal_after`` counts for
+    ``answer`` only: the turn from which the answer is told; 0 tells it with the first feedback)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown feedback protocol {protocol!r}; choose one of {tuple(PROTOCOLS)}.")
+    if protocol == "answer":
+        return {"reveal": "hint", "reveal_after": 1 if reveal_after is None else reveal_after}
+    return {"reveal": protocol, "reveal_after": None}
+
+
+def protocol_of(reveal: str, reveal_after: int | None) -> Protocol:
+    """The protocol that reveal options amount to (``reveal="hint"`` with ``reveal_after`` is ``answer``)."""
+    if reveal not in REVEALS:
+        raise ValueError(f"reveal must be one of {REVEALS}, got {reveal!r}.")
+    if reveal == "hint" and reveal_after is not None:
+        return "answer"
+    return reveal  # type: ignore[return-value]
 
 
 def numeric_hint(gold: str, answer: str | None) -> str | None:
@@ -52,6 +89,17 @@ class SimulatedUser:
         self.verifier, self.reveal, self.reveal_after = verifier, reveal, reveal_after
         self.answer_field, self.gold_field = answer_field, gold_field
         self.hint_field, self.intent_field = hint_field, intent_field
+
+    @classmethod
+    def for_protocol(cls, verifier: FeedbackFn, protocol: str, reveal_after: int | None = 1,
+                     **fields: str) -> SimulatedUser:
+        """A user following a named protocol (see :data:`PROTOCOLS`); ``fields`` as in the constructor."""
+        return cls(verifier, **protocol_settings(protocol, reveal_after), **fields)
+
+    @property
+    def protocol(self) -> Protocol:
+        """The named protocol this user's reveal options amount to."""
+        return protocol_of(self.reveal, self.reveal_after)
 
     def level(self, turn: int) -> Reveal:
         """How much to give away at ``turn`` (0-based)."""

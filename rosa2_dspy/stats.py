@@ -1,0 +1,138 @@
+"""Confidence intervals and paired comparisons for experiment summaries (scipy only).
+
+Every interval is a 95% bootstrap interval over *tasks* (the unit a benchmark samples), computed by
+``scipy.stats.bootstrap`` with 9,999 resamples from a fixed seed, so a summary is reproducible to the
+last digit. The method is BCa (bias-corrected and accelerated); where BCa is undefined (e.g. a jackknife
+with no spread) the percentile interval is used. Small samples are handled without NaN:
+
+* no observation, or one: the interval is ``None`` (a bootstrap over one task says nothing);
+* every observation equal (all solved, none solved, every difference 0): the interval is that value at
+  both ends, ``[1.0, 1.0]`` for all solved — the bootstrap cannot vary what never varies.
+
+Paired comparisons between two modes use the same tasks: the paired bootstrap of the difference in
+"solved by turn k" and the exact McNemar test (a two-sided binomial test on the discordant pairs: tasks
+one mode solved and the other did not).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+CONFIDENCE = 0.95
+RESAMPLES = 9999
+SEED = 0
+METHOD = (f"{int(CONFIDENCE * 100)}% bootstrap over tasks (BCa; percentile where BCa is undefined), "
+          f"{RESAMPLES} resamples, seed {SEED}; paired: bootstrap of the per-task difference and exact McNemar")
+
+Interval = list[float] | None
+
+
+def _finite(low: float, high: float) -> bool:
+    return math.isfinite(low) and math.isfinite(high)
+
+
+def bootstrap_ci(values: Sequence[float], seed: int = SEED, confidence: float = CONFIDENCE,
+                 resamples: int = RESAMPLES) -> Interval:
+    """A bootstrap confidence interval ``[low, high]`` for the mean of ``values`` (None for fewer than 2)."""
+    data = np.asarray([float(v) for v in values], dtype=float)
+    if data.size < 2:
+        return None
+    if np.all(data == data[0]):
+        return [float(data[0]), float(data[0])]
+    from scipy import stats
+
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = stats.bootstrap((data,), np.mean, n_resamples=resamples, confidence_level=confidence,
+                                     method=method, rng=np.random.default_rng(seed), vectorized=True)
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        if _finite(low, high):
+            return [low, high]
+    return None  # pragma: no cover - the percentile interval of finite data is finite
+
+
+def paired_difference_ci(a: Sequence[float], b: Sequence[float], seed: int = SEED,
+                         confidence: float = CONFIDENCE, resamples: int = RESAMPLES) -> Interval:
+    """The paired bootstrap interval of ``mean(a) - mean(b)``: tasks are resampled, each keeping its pair.
+
+    Resampling the pairs is resampling the per-task differences, so this equals :func:`bootstrap_ci` of
+    ``a - b`` (and uses ``scipy.stats.bootstrap(..., paired=True)`` to say so).
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"Paired samples need the same tasks; got {x.size} and {y.size} values.")
+    diff = x - y
+    if diff.size < 2:
+        return None
+    if np.all(diff == diff[0]):
+        return [float(diff[0]), float(diff[0])]
+    from scipy import stats
+
+    def mean_difference(u: np.ndarray, v: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.mean(u, axis=axis) - np.mean(v, axis=axis)
+
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = stats.bootstrap((x, y), mean_difference, paired=True, n_resamples=resamples,
+                                     confidence_level=confidence, method=method,
+                                     rng=np.random.default_rng(seed), vectorized=True)
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        if _finite(low, high):
+            return [low, high]
+    return None  # pragma: no cover
+
+
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Exact McNemar p-value (two-sided) from the discordant counts: a binomial test of ``a_only`` out of
+    ``a_only + b_only`` at 1/2. With no discordant task the two modes never differ: p = 1."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    from scipy import stats
+
+    return float(stats.binomtest(a_only, n, 0.5).pvalue)
+
+
+def solved_by(solved_at: Sequence[int | None], k: int) -> list[int]:
+    """1 for each task solved by turn ``k`` (1-based), else 0."""
+    return [int(s is not None and s <= k) for s in solved_at]
+
+
+def compare_modes(solved_at: dict[str, Sequence[int | None]], k: int, seed: int = SEED) -> list[dict[str, Any]]:
+    """Every pair of modes on the same tasks, solved by turn ``k``: accuracies, their difference (first
+    minus second) with its paired bootstrap interval, the discordant counts and the exact McNemar p."""
+    rows = []
+    for a, b in combinations(solved_at, 2):
+        x, y = solved_by(solved_at[a], k), solved_by(solved_at[b], k)
+        if len(x) != len(y):
+            raise ValueError(f"Modes {a!r} and {b!r} ran on different numbers of tasks ({len(x)}, {len(y)}).")
+        n = len(x)
+        a_only = sum(1 for u, v in zip(x, y) if u and not v)
+        b_only = sum(1 for u, v in zip(x, y) if v and not u)
+        rows.append({
+            "a": a, "b": b, "turn": k, "tasks": n,
+            "accuracy_a": sum(x) / n if n else None, "accuracy_b": sum(y) / n if n else None,
+            "difference": (sum(x) - sum(y)) / n if n else None,
+            "difference_ci": paired_difference_ci(x, y, seed=seed),
+            "a_only": a_only, "b_only": b_only,
+            "mcnemar_p": mcnemar_exact(a_only, b_only),
+        })
+    return rows
+
+
+def with_ci(value: float | None, interval: Interval, digits: int = 2) -> str:
+    """``"0.62 [0.25, 0.88]"``; ``"–"`` for no value; the bare value where there is no interval."""
+    if value is None:
+        return "–"
+    text = f"{value:.{digits}f}"
+    if interval is None:
+        return text
+    return f"{text} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
