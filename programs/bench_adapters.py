@@ -17,7 +17,8 @@ Per condition: the parse rate (:func:`~rosa2_dspy.adapter.answer_parsed`: an ans
 not an echo of the prompt) and the first-turn accuracy (the task's verifier), each with a 95% Wilson
 interval, and a paired sign test (exact binomial on the discordant examples) of plain vs chat.
 
-Run: ``python -m programs.bench_adapters [--tasks intent math] [--limit N] [--concurrency 8]``.
+Run: ``python -m programs.bench_adapters [--tasks intent math] [--limit N] [--limits math=12] [--concurrency 8]``
+(on a machine shared with other torch jobs, ``OMP_NUM_THREADS=1``: oversubscribed threads slowed it ~10x).
 Writes ``results/bench_adapters.json`` (machine facts, config, date, every answer).
 """
 
@@ -88,14 +89,19 @@ def answer_all(lm: dspy.BaseLM, task: str, program: str, examples: list[dspy.Exa
                 error = f"{type(err).__name__}: {err}"
         answer = prediction.get("answer") if prediction is not None else None
         messages = raw[-1].messages if raw else []
-        score = float(verifier(example, prediction).score) if prediction is not None else 0.0
         return {"question": example.question, "answer": answer, "completion": raw[-1].text if raw else None,
                 "completion_tokens": raw[-1].completion_tokens if raw else 0,
-                "parsed": answer_parsed(answer, example.inputs(), messages), "correct": score >= 1.0,
+                "parsed": answer_parsed(answer, example.inputs(), messages), "prediction": prediction,
                 "error": error, "system": messages[0]["content"] if messages else None}
 
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
-        return list(pool.map(one, examples))
+        results = list(pool.map(one, examples))
+    # Verify here, in the calling (main) thread: math-verify's timeout only works there, and without it
+    # one pathological expression can stall the benchmark for minutes.
+    for example, result in zip(examples, results):
+        prediction = result.pop("prediction")
+        result["correct"] = prediction is not None and float(verifier(example, prediction).score) >= 1.0
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["intent", "math"], choices=sorted(CONFIGS))
     parser.add_argument("--adapters", nargs="+", default=["chat", "plain"], choices=["chat", "plain"])
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    parser.add_argument("--limits", nargs="*", default=[], metavar="TASK=N",
+                        help="examples for one task (spread over its levels), e.g. math=12; overrides --limit")
     parser.add_argument("--concurrency", type=int, default=8, help="answers in flight (batched by LocalLM)")
     parser.add_argument("--name", default="bench_adapters")
     args = parser.parse_args(argv)
@@ -118,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
                          dtype=actor.get("dtype", "float32"))
         task_lm = lm.copy(max_tokens=actor.get("max_tokens", 128), temperature=0.0)
         program = config.get("program", "predict")
-        examples = load_task(task, limit=args.limit, spread=args.limit is not None)
+        limit = dict(item.split("=") for item in args.limits).get(task, args.limit)
+        limit = int(limit) if limit is not None else None
+        examples = load_task(task, limit=limit, spread=limit is not None)
         settings[task] = {"config": CONFIGS[task], "program": program, "max_tokens": actor.get("max_tokens"),
                           "examples": len(examples), "temperature": 0.0}
         correct_by: dict[tuple[str, str], list[bool]] = {}
@@ -145,15 +155,19 @@ def main(argv: list[str] | None = None) -> None:
         if {"chat", "plain"} <= set(args.adapters):
             settings[task]["plain_vs_chat_accuracy"] = {
                 ins: sign_test(correct_by[("chat", ins)], correct_by[("plain", ins)]) for ins in ("original", "oracle")}
+        save(args, rows, settings, answers)  # after each task, so a long run keeps what it has
+    for task, info in settings.items():
+        if "plain_vs_chat_accuracy" in info:
+            print(f"{task}: plain vs chat, paired sign test on accuracy: {info['plain_vs_chat_accuracy']}")
+
+
+def save(args: argparse.Namespace, rows: list, settings: dict, answers: dict) -> None:
     columns = ["task", "program", "adapter", "instruction", "n", "parse_rate", "parse_ci95", "accuracy",
                "accuracy_ci95", "mean_completion_tokens", "errors", "wall_s"]
     write_results(args.name, rows, extra={"config": {"tasks": settings, "adapters": args.adapters,
                                                      "concurrency": args.concurrency, "math_oracle": MATH_FORM,
                                                      "intent_oracle": "The user wants {intent}."},
                                           "answers": answers}, columns=columns)
-    for task, info in settings.items():
-        if "plain_vs_chat_accuracy" in info:
-            print(f"{task}: plain vs chat, paired sign test on accuracy: {info['plain_vs_chat_accuracy']}")
 
 
 if __name__ == "__main__":

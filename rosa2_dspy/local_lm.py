@@ -147,9 +147,10 @@ class AsyncLocalEngine:
         pass
 
 
-# The adapter LocalLM models get unless told otherwise ("plain" or "chat"): the one that gave the embedded
-# model the higher parse rate and first-turn accuracy in programs/bench_adapters.py (README, "Adapters").
-DEFAULT_ADAPTER = "chat"
+# The adapter LocalLM models get unless told otherwise ("plain" or "chat"). "plain": with the embedded model
+# it parsed 100% of first answers on the intent and math tasks against 75% and 58% for "chat", at the same
+# accuracy (programs/bench_adapters.py, results/bench_adapters.json; README, "Adapters").
+DEFAULT_ADAPTER = "plain"
 ADAPTERS = ("plain", "chat")
 
 
