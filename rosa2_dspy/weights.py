@@ -51,7 +51,11 @@ from rosa2_dspy.policy import ChatMessages, LoRAPolicy
 logger = logging.getLogger(__name__)
 
 Source = Literal["current", "history", "reference"]
-DEFAULT_MAX_KL = 1.0  # mean per-token nats on the turn's text; calibrated by programs.bench_step_safety
+# Mean per-token nats on the turn's text (programs.bench_step_safety, results/bench_step_safety.json): real
+# steps of joint-mode math conversations moved it by at most 0.053 (median 0.026); scaled along a ROSA
+# step's direction, the answer became a bare, often wrong number from about 0.25-0.6 (‖Δθ‖ = 2-4) and
+# looped at about 3.4 (‖Δθ‖ = 16). 0.5 leaves real steps a 10x margin and stops the larger collapses.
+DEFAULT_MAX_KL = 0.5
 ALL_SOURCES: frozenset[str] = frozenset({"current", "history", "reference"})
 
 
