@@ -16,6 +16,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+import dspy  # noqa: E402  (after the offline settings: litellm reads them at import)
+
+
+class Outer(dspy.Module):
+    """A user's program with one stage inside (``inner``): how ROSA2 looks from a parent program."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, question):
+        return self.inner(question=question)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Bit-for-bit comparisons between batched and one-by-one runs need a fixed split of float sums: torch's
+    intra-op threads split a matmul differently for different batch shapes (last-bit differences, and
+    rarely a flipped greedy near-tie); one thread never does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
     "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

@@ -18,14 +18,7 @@ from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Bit-for-bit comparisons need a fixed split of float sums: torch's intra-op threads split a matmul
-    differently for different batch shapes (last-bit differences), one thread never does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-for-bit comparisons (conftest)
 
 
 QUESTIONS = ["What is 2+3?", "Name a red fruit.", "Spell cat backwards.", "How many legs has a spider?"]

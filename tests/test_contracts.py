@@ -15,7 +15,7 @@ from dspy.clients.base_lm import GLOBAL_HISTORY
 from dspy.teleprompt import COPRO, BootstrapFewShot, LabeledFewShot
 from dspy.utils.dummies import DummyLM
 
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import Outer, build_tiny_model, build_tiny_tokenizer
 from rosa2_dspy.local_lm import LocalLM
 from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 from rosa2_dspy import records
@@ -290,14 +290,6 @@ def test_labeled_demos_and_instructions_set_after_wrapping_reach_the_lm(tiny_lm)
 
 
 def test_the_refiner_is_hidden_from_a_parents_named_predictors_unless_asked_for(tiny_lm):
-    class Outer(dspy.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, question):
-            return self.inner(question=question)
-
     hidden = Outer(ROSA2(dspy.ChainOfThought("question -> answer"), tiny_lm, wrong))
     assert [n for n, _ in hidden.named_predictors()] == ["inner.program.predict"]
     assert [n for n, _ in hidden.inner.refiner.named_predictors()] == ["predict"]  # still a working module

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dspy
 import pytest
-import torch
 from dspy.utils.dummies import DummyLM
 
 from rosa2_dspy.interactions import Interaction, as_interactions, on_task, per_turn, result_of, solved
@@ -15,13 +14,7 @@ from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Bit-for-bit comparisons need one torch thread (see test_concurrency)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-for-bit comparisons (conftest)
 
 
 QUESTIONS = ["What is 2+3?", "Name a red fruit.", "Spell cat backwards.", "How many legs has a spider?"]

@@ -11,7 +11,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from programs import experiment, reporting
 from programs.tasks import feedback_for as real_feedback_for
@@ -85,17 +84,6 @@ def comparable(results):
 def read_progress(path):
     lines = path.read_text().splitlines()
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
-
-
-@pytest.fixture
-def one_torch_thread():
-    """The resumed run is partly concurrent (batched), the other sequential: with several torch threads a
-    matmul's float sums split differently per batch shape, and a greedy near-tie can flip (see
-    test_concurrency); one thread makes the comparison exact."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_an_interrupted_run_resumes_to_the_records_of_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch, ran,

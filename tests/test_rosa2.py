@@ -12,6 +12,7 @@ import pytest
 import torch
 from dspy.utils.dummies import DummyLM
 
+from conftest import Outer
 from rosa2_dspy.errors import FeedbackError
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
@@ -260,14 +261,6 @@ def test_works_inside_dspy_evaluate_deepcopy_and_composition(tiny_lm):
     result = dspy.Evaluate(devset=devset, metric=lambda e, p, t=None: float(e.answer in p.answer),
                            num_threads=1, display_progress=False)(rosa2)
     assert 0.0 <= result.score <= 100.0 and len(result.results) == 2
-
-    class Outer(dspy.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, question):
-            return self.inner(question=question)
 
     outer = Outer(rosa2)
     assert isinstance(outer(question="What is 2+3?").answer, str)

@@ -102,14 +102,6 @@ def test_stop_strings_cut_the_stream_where_they_cut_the_unstreamed_answer(script
     assert "".join(pieces) == result[0] and result == policy.generate(MESSAGES, stop=stop)
 
 
-@pytest.fixture
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-for-bit comparisons across batch shapes (see test_concurrency)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_streaming_beside_a_concurrent_request_gives_both_the_answers_they_get_alone(tiny_policy, one_torch_thread):
     vectors = [tiny_policy.initial_adapter_vector
                + scale * torch.randn(tiny_policy.num_adapter_parameters, generator=torch.Generator().manual_seed(seed))
