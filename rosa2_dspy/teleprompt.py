@@ -25,7 +25,6 @@ part lives in the model). ``optimizer.rollback(lm.policy)`` undoes the last step
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,18 +70,6 @@ def local_lm_of(student: dspy.Module, lm: dspy.BaseLM | None = None) -> LocalLM:
     return chosen
 
 
-def _metric_fn(metric: Callable[..., Any]) -> Callable[..., Any]:
-    """DSPy metrics come as ``(example, pred)`` or ``(example, pred, trace)``: call each the way it takes."""
-    try:
-        params = list(inspect.signature(metric).parameters.values())
-    except (TypeError, ValueError):
-        return metric
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) == 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
-        return lambda example, prediction, trace=None: metric(example, prediction)
-    return metric
-
-
 def rollout(student: dspy.Module, example: dspy.Example, metric: Callable[..., Any], lm: LocalLM,
             adapter: dspy.Adapter, use_labels: bool = True, threshold: float = 1.0) -> Rollout:
     """Run ``student`` on ``example`` under the policy's own adapter and score it: the scored responses."""
@@ -96,7 +83,6 @@ def rollout(student: dspy.Module, example: dspy.Example, metric: Callable[..., A
         except Exception as err:  # a program that breaks on this example is a failure to push down
             error = f"{type(err).__name__}: {err}"
         trace = list(dspy.settings.trace)
-    metric = _metric_fn(metric)
     if prediction is None:
         result = Rollout(example, None, 0.0, error=error)
     else:
