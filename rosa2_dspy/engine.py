@@ -108,8 +108,8 @@ class LogProb:
         return self.total / max(self.num_tokens, 1)
 
 
-def _stack_adapters(rows: Sequence[Any], device: torch.device) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(r.adapter, dtype=torch.float32) for r in rows]).to(device)
+def _stack_adapters(vectors: Sequence[Any], device: torch.device) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vectors]).to(device)
 
 
 def _next_tokens(logits: torch.Tensor, rows: Sequence[GenerationRow], generators: list) -> torch.Tensor:
@@ -159,7 +159,7 @@ def generate_rows(policy: "LoRAPolicy", rows: Sequence[GenerationRow]) -> list[G
     alive = list(range(n))  # original index of each row still in the batch
     cache = DynamicCache(config=model.config)
     cache_kw = _cache_keyword(type(model))
-    with policy.multi_lora.active(_stack_adapters(rows, device)):
+    with policy.multi_lora.active(_stack_adapters([r.adapter for r in rows], device)):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                        logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
         next_position = positions[:, -1:] + 1
@@ -204,7 +204,7 @@ def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[LogProb]:
     owner_t = torch.tensor(row_index, device=device)
     targets = ids[row_index, [p + 1 for p in position]].to(device)
     ids = ids.to(device)
-    adapters = _stack_adapters(rows, device).requires_grad_(with_grad)
+    adapters = _stack_adapters([r.adapter for r in rows], device).requires_grad_(with_grad)
     with torch.set_grad_enabled(with_grad), policy.multi_lora.active(adapters):
         # Right padding and a causal mask: real tokens never see the padding, so no attention mask is needed.
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state[owner_t, torch.tensor(position, device=device)]
@@ -243,8 +243,7 @@ def divergence_rows(policy: "LoRAPolicy", rows: Sequence[DivergenceRow]) -> list
     ids = torch.full((2 * n, width), policy.tokenizer.pad_token_id, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : row.length] = ids[n + i, : row.length] = torch.tensor(row.prompt + row.response)
-    adapters = torch.cat([_stack_adapters(rows, device),
-                          torch.stack([torch.as_tensor(r.other, dtype=torch.float32) for r in rows]).to(device)])
+    adapters = _stack_adapters([r.adapter for r in rows] + [r.other for r in rows], device)
     with policy.multi_lora.active(adapters):
         hidden = model.get_decoder()(input_ids=ids.to(device)).last_hidden_state
     head, results = model.get_output_embeddings(), []
