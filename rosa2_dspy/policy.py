@@ -390,20 +390,31 @@ class LoRAPolicy:
     # ------------------------------------------------------------------ log-probabilities
 
     def logprobs(self, pairs: Sequence[tuple[ChatMessages, str]], *, with_grad: bool = False,
-                 adapter: torch.Tensor | None = None) -> list[LogProb]:
+                 adapter: torch.Tensor | None = None, keep_hidden: bool | Sequence[bool] = False,
+                 references: Sequence[torch.Tensor | None] | None = None) -> list[LogProb]:
         """``log pi_theta(response | messages)`` of each ``(messages, response)`` pair, summed over the
         response's tokens (end-of-turn included), all in one batched pass.
 
         With ``with_grad=True`` each result carries ``grad``: the gradient of its own sum with respect to
         the adapter parameters only (a per-sample gradient), a flat float32 CPU vector aligned with
         :meth:`adapter_vector`. ``adapter`` scores under that vector instead of the policy's own.
+
+        ``keep_hidden`` (for all pairs, or one flag per pair) keeps each result's final hidden states
+        (``hidden``); ``references`` (one per pair, or None) gives such states of the same pair from an
+        earlier pass, and the result's ``kl`` is then :meth:`divergence` from that pass's adapter to this
+        one, computed in this same pass.
         """
         vector = self._adapter_or_own(adapter)
+        keep = [keep_hidden] * len(pairs) if isinstance(keep_hidden, bool) else list(keep_hidden)
+        references = list(references) if references is not None else [None] * len(pairs)
+        if len(keep) != len(pairs) or len(references) != len(pairs):
+            raise ValueError("keep_hidden and references need one entry per pair.")
         rows = []
-        for messages, response in pairs:
+        for (messages, response), hidden, reference in zip(pairs, keep, references):
             if not isinstance(response, str):
                 raise TypeError(f"response must be a string, got {type(response).__name__}.")
-            rows.append(ScoreRow(self._prompt_ids(messages), self._response_ids(response), vector, with_grad))
+            rows.append(ScoreRow(self._prompt_ids(messages), self._response_ids(response), vector, with_grad,
+                                 hidden, reference))
         return self.batcher.score(rows)
 
     def logprob(self, messages: ChatMessages, response: str, *, with_grad: bool = False,

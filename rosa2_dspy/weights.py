@@ -15,6 +15,11 @@ the step, over the turn's own prompt and answer, must stay within ``max_kl``, el
 (a backtracking line search, as trust-region policy methods do) up to ``max_backtracks`` times and
 then not applied. Each record says the KL and how often the step was halved.
 
+Passes per step (no backtrack): one batched forward + backward over the n responses, which also keeps the
+"before" hidden states of the turn's own answer(s); then one forward over the n responses under the new
+adapter, which gives ``logprob_after`` and the "after" side of the KL at once (``measure_after=False``: the
+answer(s) only). Each halving is one more such forward.
+
 Choices (ours, documented here):
 
 * **Log-probs are summed over the response's tokens** (``length_normalize=False``). That is the
@@ -38,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -88,7 +93,7 @@ class WeightStep:
     logprob_before: list[float] = field(default_factory=list)
     logprob_after: list[float] = field(default_factory=list)
     iterations: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole step, its checks and logprob_after included
     kl: float | None = None  # mean per-token KL(before || after) on the turn's text; None if not checked
     backtracks: int = 0  # how often the step was halved to keep the KL within max_kl
     delta: torch.Tensor | None = field(default=None, repr=False)
@@ -184,16 +189,27 @@ class WeightOptimizer(Teleprompter):
     def _select(self, responses: Sequence[ScoredResponse]) -> list[ScoredResponse]:
         return [r for r in responses if r.source in self.include]
 
+    def _value(self, lp: Any) -> float:
+        return lp.mean if self.length_normalize else lp.total
+
     def _logprobs(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], with_grad: bool,
-                  adapter: torch.Tensor):
-        """Log-probs (and per-response gradients) of every response under ``adapter``, in one batched pass."""
+                  adapter: torch.Tensor, keep: Collection[int] = ()):
+        """Log-probs (and per-response gradients) of every response under ``adapter``, in one batched pass;
+        and the final hidden states of the responses at indices ``keep`` (for the KL check), by index."""
+        extra = {"keep_hidden": [i in keep for i in range(len(responses))]} if keep else {}
         results = policy.logprobs([(r.messages, r.completion) for r in responses], with_grad=with_grad,
-                                  adapter=adapter)
-        values = [lp.mean if self.length_normalize else lp.total for lp in results]
+                                  adapter=adapter, **extra)
+        values = [self._value(lp) for lp in results]
+        states = {i: results[i].hidden for i in keep}
         if not with_grad:
-            return values, None
+            return values, None, states
         grads = torch.stack([lp.grad / lp.num_tokens if self.length_normalize else lp.grad for lp in results])
-        return values, grads
+        return values, grads, states
+
+    @staticmethod
+    def _anchors(responses: Sequence[ScoredResponse]) -> list[int]:
+        """The responses the KL check is taken on: the turn's own answers (else the last response)."""
+        return [i for i, r in enumerate(responses) if r.source == "current"] or [len(responses) - 1]
 
     def step(self, policy: LoRAPolicy, responses: Sequence[ScoredResponse], apply: bool = True,
              adapter: torch.Tensor | None = None) -> WeightStep:
@@ -221,35 +237,48 @@ class WeightOptimizer(Teleprompter):
             return record
         own = adapter is None
         before = policy.adapter_vector() if own else torch.as_tensor(adapter, dtype=torch.float32).clone()
-        self._update(policy, chosen, advantages, record, apply, before)
+        anchors = self._anchors(chosen) if apply and self.max_kl is not None else []
+        states = self._update(policy, chosen, advantages, record, apply, before, anchors)
         if record.applied and self.max_kl is not None:
-            self._keep_within_kl(policy, chosen, before, record)
+            self._keep_within_kl(policy, chosen, before, record, anchors, states)
         if record.applied:
             record.adapter = before + record.delta
             if own:
                 policy.set_adapter_vector(record.adapter)
                 self._previous = before
+        if self.measure_after and record.applied and not record.logprob_after:  # not measured with the KL
+            record.logprob_after, _, _ = self._logprobs(policy, chosen, False, record.adapter)
         record.seconds = time.perf_counter() - start
-        if self.measure_after and record.applied:
-            record.logprob_after, _ = self._logprobs(policy, chosen, False, record.adapter)
         if apply and not record.applied:
             logger.info("%s step skipped: %s", self.name, record.reason)
         return record
 
     def _keep_within_kl(self, policy: LoRAPolicy, responses: list[ScoredResponse], before: torch.Tensor,
-                        record: WeightStep) -> None:
+                        record: WeightStep, anchors: list[int], states: dict[int, torch.Tensor] | None) -> None:
         """Backtracking line search on the step's effect: halve ``Δθ`` until the model's next-token
         distributions over the turn's own prompt and answer move by at most ``max_kl`` (mean per-token KL),
         at most ``max_backtracks`` times; past that the step is not applied. A step that satisfies the
-        objective's targets can still wreck a small model's fluency; this is where that is caught."""
-        anchors = [r for r in responses if r.source == "current"] or responses[-1:]
-        pairs = [(r.messages, r.completion) for r in anchors]
+        objective's targets can still wreck a small model's fluency; this is where that is caught.
+
+        The "before" side comes from ``states`` (the anchors' hidden states under ``before``, kept by the
+        step's own gradient pass; one extra forward if the step kept none). Each candidate costs one forward
+        under ``before + Δθ``, over every response when ``measure_after`` (that pass is also
+        ``logprob_after``), else over the anchors only."""
+        if states is None or set(states) != set(anchors):
+            _, _, kept = self._logprobs(policy, [responses[i] for i in anchors], False, before, range(len(anchors)))
+            states = {i: kept[j] for j, i in enumerate(anchors)}
+        rows = list(range(len(responses))) if self.measure_after else anchors
+        pairs = [(responses[i].messages, responses[i].completion) for i in rows]
+        references = [states.get(i) for i in rows]
         delta = record.delta
         for halvings in range(self.max_backtracks + 1):
-            record.kl = max(policy.divergence(pairs, before, before + delta))
+            results = policy.logprobs(pairs, adapter=before + delta, references=references)
+            record.kl = max(lp.kl for lp in results if lp.kl is not None)
             if record.kl <= self.max_kl:
                 record.backtracks = halvings
                 record.delta, record.delta_norm = delta, float(delta.double().norm())
+                if self.measure_after:
+                    record.logprob_after = [self._value(lp) for lp in results]
                 return
             if halvings < self.max_backtracks:
                 delta = delta * 0.5
@@ -259,8 +288,11 @@ class WeightOptimizer(Teleprompter):
                          f"predictions on this turn by KL {record.kl:.3g} > max_kl {self.max_kl}")
 
     def _update(self, policy: LoRAPolicy, responses: list[ScoredResponse], advantages: torch.Tensor,
-                record: WeightStep, apply: bool, adapter: torch.Tensor) -> None:
-        """Fill ``record.delta`` (and ``applied``) for a step from ``adapter``; must not touch the policy."""
+                record: WeightStep, apply: bool, adapter: torch.Tensor,
+                keep: Collection[int] = ()) -> dict[int, torch.Tensor] | None:
+        """Fill ``record.delta`` (and ``applied``) for a step from ``adapter``; must not touch the policy.
+        Returns the final hidden states under ``adapter`` of the responses at ``keep`` (the KL check's
+        anchors), if a pass under ``adapter`` kept them (else None: the check makes its own pass)."""
         raise NotImplementedError
 
     def rollback(self, policy: LoRAPolicy) -> bool:
@@ -305,8 +337,8 @@ class ROSAStep(WeightOptimizer):
         coefficients = torch.linalg.solve(K + lam * torch.eye(len(K), dtype=torch.float64), advantages)
         return G.T @ coefficients
 
-    def _update(self, policy, responses, advantages, record, apply, adapter) -> None:
-        record.logprob_before, grads = self._logprobs(policy, responses, True, adapter)
+    def _update(self, policy, responses, advantages, record, apply, adapter, keep=()):
+        record.logprob_before, grads, states = self._logprobs(policy, responses, True, adapter, keep)
         record.iterations = 1
         if not torch.isfinite(grads).all():
             record.reason = "non-finite gradient"
@@ -334,6 +366,7 @@ class ROSAStep(WeightOptimizer):
             record.reason = "dry run"
             return
         record.applied = True
+        return states
 
 
 def _finite(**values: float) -> None:
@@ -380,17 +413,17 @@ class IterativeTTT(WeightOptimizer):
             raise ValueError("IterativeTTT needs steps >= 1, lr > 0 and optimizer 'adam' or 'sgd'.")
         self.steps, self.lr, self.optimizer, self.target_gain = steps, lr, optimizer, target_gain
 
-    def _update(self, policy, responses, advantages, record, apply, adapter) -> None:
+    def _update(self, policy, responses, advantages, record, apply, adapter, keep=()):
         if not apply:
             raise ValueError("IterativeTTT has no dry run: its step is defined by applying it.")
         theta = torch.nn.Parameter(adapter.clone())
         opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([theta], lr=self.lr)
-        initial, current = None, adapter
+        initial, current, states = None, adapter, None
         for iteration in range(self.steps):
-            values, grads = self._logprobs(policy, responses, True, current)
+            values, grads, kept = self._logprobs(policy, responses, True, current, keep if initial is None else ())
             values_t = torch.tensor(values, dtype=torch.float64)
             if initial is None:
-                initial = values_t
+                initial, states = values_t, kept
                 record.logprob_before = values
             gain = values_t - initial
             if self.target_gain is not None and iteration > 0 and gain[0] >= self.target_gain:
@@ -411,6 +444,7 @@ class IterativeTTT(WeightOptimizer):
         record.applied = record.iterations > 0 and record.delta_norm > 0
         if record.iterations > 0 and not record.applied:
             record.reason = "zero step"
+        return states
 
 
 class NoUpdate(WeightOptimizer):

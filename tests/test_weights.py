@@ -186,6 +186,71 @@ def test_a_wrecking_step_is_shrunk_by_backtracking_until_the_kl_bound_holds(poli
     assert policy.divergence(pairs, before, after)[0] == pytest.approx(step.kl, rel=1e-4)
 
 
+def conversation():
+    """A turn late in a conversation: two earlier answers (one longer), this turn's answer, the reference."""
+    other = [PROMPT[0], {"role": "user", "content": "And what is 20+30, please?"}]
+    return [ScoredResponse(PROMPT, "It is 4.", 0.0, "history"),
+            ScoredResponse(other, "Surely it must be 40, or so I believe.", 0.0, "history"),
+            ScoredResponse(PROMPT, "It is 6.", 0.0, "current"),
+            ScoredResponse(PROMPT, "It is 5.", 1.0, "reference")]
+
+
+@pytest.mark.parametrize("measure_after", [True, False])
+@pytest.mark.parametrize("build", [lambda **kw: ROSAStep(beta=0.5, max_norm=1.0, **kw),
+                                   lambda **kw: IterativeTTT(beta=0.5, steps=3, lr=1e-2, **kw)],
+                         ids=["rosa", "ttt"])
+def test_the_kl_check_and_logprob_after_ride_on_the_steps_passes_and_equal_separate_ones(policy, build,
+                                                                                            measure_after):
+    before, chosen = policy.adapter_vector(), conversation()
+    pairs = [(r.messages, r.completion) for r in chosen]
+    unchecked = build(max_kl=None, measure_after=False).step(policy, chosen, adapter=before)
+    passes = dict(policy.batcher.passes)
+    optimizer = build(max_kl=10.0, measure_after=measure_after)
+    step = optimizer.step(policy, chosen, adapter=before)
+    made = {kind: policy.batcher.passes[kind] - passes[kind] for kind in passes}
+    # The same Δθ as without the check, and no pass beyond the step's own and one under the new adapter.
+    assert step.applied and step.backtracks == 0
+    assert torch.equal(step.delta, unchecked.delta)
+    assert made == {"generate": 0, "score": step.iterations + 1, "divergence": 0}
+    after = before + step.delta
+    assert torch.equal(step.adapter, after) and torch.equal(policy.adapter_vector(), before)
+    # KL: what policy.divergence computes in passes of its own, before and after, over this turn's answer.
+    assert step.kl > 0
+    assert step.kl == pytest.approx(policy.divergence([pairs[2]], before, after)[0], rel=1e-5)
+    # logprob_after: a separate pass under the new adapter, bit for bit.
+    if measure_after:
+        assert step.logprob_after == [lp.total for lp in policy.logprobs(pairs, adapter=after)]
+    else:
+        assert step.logprob_after == []
+
+
+def test_after_backtracking_logprob_after_is_measured_under_the_halved_step(policy):
+    before, chosen = policy.adapter_vector(), conversation()
+    huge = ROSAStep(beta=0.5, ridge=1e-8, max_norm=1e6, max_kl=None).step(policy, chosen, apply=False)
+    bound = policy.divergence([(chosen[2].messages, chosen[2].completion)], before, before + huge.delta)[0] / 20
+    step = ROSAStep(beta=0.5, ridge=1e-8, max_norm=1e6, max_kl=bound, max_backtracks=12).step(policy, chosen)
+    assert step.applied and step.backtracks > 0 and step.kl <= bound
+    after = policy.adapter_vector()
+    assert torch.equal(after, before + huge.delta / 2**step.backtracks)
+    assert step.logprob_after == [lp.total for lp in policy.logprobs([(r.messages, r.completion) for r in chosen])]
+
+
+def test_a_score_pass_keeps_hidden_states_and_measures_kl_from_them(policy):
+    theta = policy.adapter_vector()
+    other = theta + 0.3 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(5))
+    pairs = [(r.messages, r.completion) for r in conversation()]
+    kept = policy.logprobs(pairs, adapter=theta, keep_hidden=[False, True, True, False])
+    assert kept[0].hidden is None and kept[3].hidden is None
+    assert kept[1].hidden.shape == (len(policy._prompt_ids(pairs[1][0])) + len(policy._response_ids(pairs[1][1])) - 1,
+                                    policy.causal_lm.config.hidden_size)
+    scored = policy.logprobs(pairs, adapter=other, references=[None, kept[1].hidden, kept[2].hidden, None])
+    assert scored[0].kl is None and scored[3].kl is None
+    assert [scored[1].kl, scored[2].kl] == pytest.approx(policy.divergence(pairs[1:3], theta, other), rel=1e-5)
+    assert [lp.total for lp in scored] == [lp.total for lp in policy.logprobs(pairs, adapter=other)]
+    with pytest.raises(ValueError, match="hidden states of"):  # states of another text
+        policy.logprobs(pairs[:1], adapter=other, references=[kept[1].hidden])
+
+
 def test_a_step_that_stays_too_large_is_rolled_back_and_recorded(policy):
     before = policy.adapter_vector()
     step = ROSAStep(beta=0.001, ridge=1e-8, max_norm=1e6, max_kl=1e-9, max_backtracks=1).step(policy, responses())
