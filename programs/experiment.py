@@ -24,6 +24,10 @@ model string prefixed ``"litellm:"`` for a served actor (then only ``static`` an
 ``"plain"`` or ``"chat"``; without it a local actor uses ``LocalLM``'s default (``DEFAULT_ADAPTER``) and a
 served one ``LenientChatAdapter``.
 
+``compare_words`` (default true) makes the joint mode compute each weights step under the original words too
+(the Theorem 4.1 comparison): one more gradient pass per turn, as costly as the step's own (see
+``programs.profile_turn``), timed apart (``compare_words``), not as adaptation; false skips it.
+
 ``concurrency`` (default 8; ``--concurrency``) is how many conversations run at once: every (mode, task)
 interaction is a call of ``ROSA2.interact`` on a thread pool, the way a user serves many users from one
 instance, so a local actor batches them. Each interaction starts from θ0 and the original words in a
@@ -174,7 +178,7 @@ def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[s
             adapter=make_adapter(adapter) if (adapter := config.get("actor", {}).get("adapter")) else None,
             max_turns=config.get("max_turns", 4),
             switch_patience=config.get("switch_patience", 1),
-            compare_words=(mode == "joint"),
+            compare_words=mode == "joint" and config.get("compare_words", True),
         )
         for mode in modes
     }

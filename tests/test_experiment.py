@@ -45,6 +45,16 @@ def test_every_mode_runs_on_the_same_tasks_and_reports_table_json_and_plot(tiny_
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_words_is_the_joint_modes_default_and_a_config_switch(tiny_model_dir):
+    from rosa2_dspy import LocalLM
+
+    actor = LocalLM(str(tiny_model_dir))
+    config = {"modes": ["param-only", "joint"], "refiner": {"lm": "actor"}}
+    modes = experiment.build_modes(config, actor, "intent")
+    assert modes["joint"].compare_words and not modes["param-only"].compare_words
+    assert not experiment.build_modes({**config, "compare_words": False}, actor, "intent")["joint"].compare_words
+
+
 def test_a_served_actor_config_refuses_weight_modes():
     config = {"task": "intent", "limit": 1, "actor": {"model": "litellm:openai/gpt-4o-mini"}, "modes": ["joint"]}
     with pytest.raises(ValueError, match="served actor cannot update weights"):
