@@ -68,16 +68,19 @@ def capture_states(config: dict[str, Any], wanted: int) -> tuple[Any, list[dict[
         (steps if state["apply"] else dry_runs).append(state)
         if state["apply"]:
             state["original"] = dry_runs.pop()["responses"] if dry_runs else None
-    return actor, steps[:wanted]
+    return actor, steps
 
 
-def best_of(repeats: int, run: Callable[[], Any]) -> float:
-    times = []
+def best_of(repeats: int, phases: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """The fastest of ``repeats`` runs of each phase; the phases take turns, so a burst of load elsewhere
+    hits them alike rather than one phase's every run."""
+    times: dict[str, float] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, run in phases.items():
+            start = time.perf_counter()
+            run()
+            times[name] = min(times.get(name, float("inf")), time.perf_counter() - start)
+    return times
 
 
 def pairs_of(responses: list[ScoredResponse]) -> list[tuple[Any, str]]:
@@ -139,28 +142,27 @@ def profile_state(policy: LoRAPolicy, weights: dict[str, Any], state: dict[str, 
         torch.stack([lp.grad for lp in policy.logprobs(pairs, with_grad=True, adapter=before)]),
         rosa.advantages(responses)).float()
     anchors = [pairs[i] for i in rosa._anchors(responses)]
-    times = {
-        "grad": best_of(repeats, lambda: policy.logprobs(pairs, with_grad=True, adapter=before)),
-        "kl": best_of(repeats, lambda: policy.divergence(anchors, before, after)),
-        "after": best_of(repeats, lambda: policy.logprobs(pairs, adapter=after)),
-        "step": best_of(repeats, lambda: ROSAStep(**weights).step(policy, responses, adapter=before)),
-        "step, no measure_after": best_of(
-            repeats, lambda: ROSAStep(**weights, measure_after=False).step(policy, responses, adapter=before)),
-        "forward": best_of(repeats, full_forward(policy, responses)),
-        "grad forward": best_of(repeats, grad_forward(policy, responses, before)),
+    phases = {
+        "grad": lambda: policy.logprobs(pairs, with_grad=True, adapter=before),
+        "kl": lambda: policy.divergence(anchors, before, after),
+        "after": lambda: policy.logprobs(pairs, adapter=after),
+        "step": lambda: ROSAStep(**weights).step(policy, responses, adapter=before),
+        "step, no measure_after": lambda: ROSAStep(**weights, measure_after=False).step(policy, responses,
+                                                                                          adapter=before),
+        "forward": full_forward(policy, responses),
+        "grad forward": grad_forward(policy, responses, before),
     }
-    times["old step"] = times["grad"] + times["kl"] + times["after"]
     shared = shared_prefix_forward(policy, responses)
     if shared is not None:
-        times["forward shared prefix"] = best_of(repeats, shared)
+        phases["forward shared prefix"] = shared
     if state.get("original"):
         original = pairs_of(state["original"])
-        times["compare_words"] = best_of(
-            repeats, lambda: ROSAStep(**weights).step(policy, state["original"], apply=False, adapter=before))
-        times["grad, both words in one pass"] = best_of(
-            repeats, lambda: policy.logprobs(pairs + original, with_grad=True, adapter=before))
-        times["grad, original words"] = best_of(
-            repeats, lambda: policy.logprobs(original, with_grad=True, adapter=before))
+        phases["compare_words"] = lambda: ROSAStep(**weights).step(policy, state["original"], apply=False,
+                                                                   adapter=before)
+        phases["grad, both words in one pass"] = lambda: policy.logprobs(pairs + original, with_grad=True,
+                                                                         adapter=before)
+    times = best_of(repeats, phases)
+    times["old step"] = times["grad"] + times["kl"] + times["after"]
     prompt = len(policy._prompt_ids(responses[0].messages))
     return {
         "responses": len(responses), "prompt tokens": prompt,
@@ -185,10 +187,11 @@ def main(argv: list[str] | None = None) -> None:
                   for s in torch.load(args.cache)][: args.states]
     else:
         actor, states = capture_states(config, args.states)
-        if args.cache:
+        if args.cache:  # every recorded state, also those past --states
             torch.save([{**s, "responses": [dataclasses.asdict(r) for r in s["responses"]],
                          "original": s["original"] and [dataclasses.asdict(r) for r in s["original"]]}
                         for s in states], args.cache)
+        states = states[: args.states]
     rows = []
     for turn, state in enumerate(states, 1):
         rows.append({"turn": turn, **profile_state(actor.policy, config.get("weights", {}), state, args.repeats)})
