@@ -3,9 +3,7 @@
 For each mode (static, prompt-only, param-only, switch, joint) and each task example, ROSA2 runs one
 interaction from the original instruction and the initial adapter (a fresh session) until the
 feedback source says it is solved or ``max_turns`` is reached. Per mode it reports accuracy per turn,
-turns-to-solve, correction uplift, mean ``‖Δθ‖`` and seconds per phase; the joint mode also computes
-each weights step under the *original* words (not applied) for the Theorem 4.1 comparison
-``‖Δθ(x*)‖ < ‖Δθ(x)‖``. Results: a table on stdout, ``results/<name>.json`` (with every turn record)
+turns-to-solve, correction uplift, mean ``‖Δθ‖`` and seconds per phase. Results: a table on stdout, ``results/<name>.json`` (with every turn record)
 and ``results/<name>.png`` (accuracy over turns, like the paper's Figure 2a).
 
 Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by name, not code::
@@ -42,6 +40,18 @@ bootstrap interval over tasks, and every pair of modes is compared on the same t
 last turn: paired bootstrap interval of the difference and the exact McNemar p); see
 ``rosa2_dspy.stats``. Tables print ``value [low, high]``; the plot draws the intervals as error bars.
 
+**Theorem 4.1.** On every joint-mode turn (words and weights both move) the run measures the theorem
+as stated (``rosa2_dspy.theorem41``): the smallest parameter shift that raises ``log π(reference | context)``
+by ``δ`` nats (config ``theorem41_delta``, default 1), under the original words ``x`` and the refined words
+``x*``, at the adapter the step starts from. ``theorem_4_1`` in the JSON holds the distribution of
+``‖Δθ(x*)‖/‖Δθ(x)‖`` (quartiles), the share below 1 and the mean log-ratio with 95% intervals clustered by
+conversation, and the skipped turns by reason. ``"measure_theorem41": false`` switches it off (it costs
+one gradient pass over the reference under both contexts per adapted turn). ``step_norm_comparison``
+holds the older check under its own name: ROSA's *own* step computed under both contexts
+(``‖Δθ‖`` of the step under the original words, not applied), which reflects reward-driven targets, not
+the shift a fixed gain needs. Files written before the rename hold that older check under
+``theorem_4_1``; ``--reanalyse`` rewrites them with both keys.
+
 **Long runs.** Each finished conversation is appended (and flushed) to ``results/<name>.partial.jsonl``,
 whose first line holds the hash of the config and the tasks. A rerun with the same config reads the
 finished conversations back and runs only the rest (the records equal an uninterrupted run's); a
@@ -73,6 +83,7 @@ from rosa2_dspy import MODES, ROSA2, LocalLM, LoRASettings, ROSAStep, summarize
 from rosa2_dspy.feedback.simulated_user import PROTOCOLS, protocol_of
 from rosa2_dspy.records import TurnRecord
 from rosa2_dspy.stats import METHOD, compare_modes, with_ci
+from rosa2_dspy.theorem41 import DEFAULT_DELTA, summarize_shifts
 from rosa2_dspy.local_lm import make_adapter
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -107,8 +118,10 @@ def build_refiner(refiner: dict[str, Any], actor: dspy.BaseLM) -> dspy.BaseLM:
     return dspy.LM(name, max_tokens=refiner.get("max_tokens", 512), temperature=0.0)
 
 
-def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
-    """Pairs (‖Δθ‖ under refined words, under original words) of the same feedback, unclipped."""
+def step_norm_comparison(trajectories: list[list[Any]]) -> dict[str, Any]:
+    """ROSA's own step under the refined and under the original words, on the same feedback (unclipped
+    norms): pairs (``raw_delta_norm``, ``delta_norm_original_words``). Not Theorem 4.1's quantity (see
+    :func:`theorem_41`): ROSA's targets come from the rewards, not from a fixed gain."""
     pairs = [
         (r.weights["raw_delta_norm"], r.delta_norm_original_words)
         for t in trajectories for r in t
@@ -123,6 +136,12 @@ def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
         "share_refined_smaller": sum(1 for a, b in pairs if a < b) / len(pairs),
         "mean_ratio_refined_over_original": statistics.mean(a / b for a, b in pairs if b > 0),
     }
+
+
+def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
+    """Theorem 4.1 as stated: the distribution of ``‖Δθ(x*)‖/‖Δθ(x)‖``, the minimal shifts that raise
+    ``log π(reference | context)`` by the same δ (see :func:`rosa2_dspy.theorem41.summarize_shifts`)."""
+    return summarize_shifts(trajectories)
 
 
 def resolve_protocol(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -175,6 +194,8 @@ def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[s
             max_turns=config.get("max_turns", 4),
             switch_patience=config.get("switch_patience", 1),
             compare_words=(mode == "joint"),
+            measure_theorem41=config.get("measure_theorem41", True),
+            theorem41_delta=config.get("theorem41_delta", DEFAULT_DELTA),
         )
         for mode in modes
     }
@@ -262,7 +283,7 @@ def progress_path_for(name: str) -> Path:
 def run_experiment(config: dict[str, Any], progress: bool = True, progress_path: str | Path | None = None,
                    fresh: bool = False) -> dict[str, Any]:
     """Run every configured mode; returns {"config", "protocol", "summaries", "comparisons", "theorem_4_1",
-    "trajectories", "wall_seconds", "resumed", ...}.
+    "step_norm_comparison", "trajectories", "wall_seconds", "resumed", ...}.
 
     The actor is built from ``config["actor"]`` for each run, so a results file always describes the
     model settings (``max_tokens``, LoRA shape) its answers were produced with. With ``progress_path``
@@ -339,7 +360,8 @@ def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[st
 
 
 def analyse(config: dict[str, Any], trajectories: dict[str, list[list[TurnRecord]]]) -> dict[str, Any]:
-    """Summaries (with intervals), paired comparisons and the Theorem 4.1 check of a run's trajectories."""
+    """Summaries (with intervals), paired comparisons, Theorem 4.1's minimal shifts and the step-norm
+    comparison of a run's trajectories (both from the joint mode)."""
     max_turns = config.get("max_turns", 4)
     protocol = config.get("protocol") or resolve_protocol(config)[0]
     summaries = {mode: summarize(runs, max_turns) for mode, runs in trajectories.items()}
@@ -348,6 +370,7 @@ def analyse(config: dict[str, Any], trajectories: dict[str, list[list[TurnRecord
         "config": config, "protocol": protocol, "protocol_label": PROTOCOLS[protocol],
         "statistics": METHOD, "summaries": summaries, "comparisons": comparisons,
         "theorem_4_1": theorem_41(trajectories["joint"]) if "joint" in trajectories else {},
+        "step_norm_comparison": step_norm_comparison(trajectories["joint"]) if "joint" in trajectories else {},
         "trajectories": {mode: [[r.to_dict() for r in t] for t in runs] for mode, runs in trajectories.items()},
     }
 
@@ -381,6 +404,21 @@ def comparison_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "a − b [95% CI]": with_ci(c["difference"], c["difference_ci"]),
         "only a solved": c["a_only"], "only b solved": c["b_only"], "McNemar p (exact)": round(c["mcnemar_p"], 4),
     } for c in comparisons]
+
+
+def theorem_rows(theorem: dict[str, Any]) -> list[dict[str, Any]]:
+    """Theorem 4.1's summary as one table row: turns measured and skipped, the ratio's quartiles, the share
+    below 1 and the mean log-ratio with their intervals."""
+    q = theorem.get("ratio_quantiles") or {}
+    skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(theorem.get("skipped", {}).items())) or "0"
+    return [{
+        "turns (conversations)": f"{theorem['measured']} ({theorem['conversations']})",
+        "skipped": skipped,
+        "‖Δθ(x*)‖/‖Δθ(x)‖ q1 / median / q3": " / ".join(f"{q[k]:.3g}" for k in ("q1", "median", "q3")) if q else "–",
+        "share < 1 [95% CI]": with_ci(theorem.get("share_below_1"), theorem.get("share_below_1_ci")),
+        "mean log-ratio [95% CI]": with_ci(theorem.get("mean_log_ratio"), theorem.get("mean_log_ratio_ci"), 3),
+        "reference": ", ".join(f"{k}: {v}" for k, v in sorted((theorem.get("reference_sources") or {}).items())) or "–",
+    }]
 
 
 def title_for(results: dict[str, Any]) -> str:
@@ -438,11 +476,16 @@ def report(results: dict[str, Any], name: str, machine: dict[str, Any] | None = 
         print(f"\nPaired comparisons on the same tasks, solved by turn {turn} ({results.get('statistics', METHOD)}):")
         print(format_table(comparison_rows(results["comparisons"])))
     plot = plot_accuracy(results["summaries"], json_path.with_suffix(".png"), title)
-    theorem = results["theorem_4_1"]
-    if theorem.get("pairs"):
-        print(f"\nTheorem 4.1 (joint mode, {theorem['pairs']} steps): mean ‖Δθ(x*)‖ = {theorem['mean_refined']:.4g}"
-              f" vs ‖Δθ(x)‖ = {theorem['mean_original']:.4g}; refined smaller in "
-              f"{100 * theorem['share_refined_smaller']:.0f}% of steps")
+    theorem = results.get("theorem_4_1") or {}
+    if theorem.get("measured") or theorem.get("skipped"):
+        print(f"\nTheorem 4.1 (joint mode): the smallest shift raising log π(reference | context) by δ = "
+              f"{theorem.get('delta', '–')} nats, refined words x* vs original x ({theorem['ci_method']}):")
+        print(format_table(theorem_rows(theorem)))
+    steps = results.get("step_norm_comparison") or {}
+    if steps.get("pairs"):
+        print(f"\nStep-norm comparison (joint mode, ROSA's own step under both contexts, {steps['pairs']} steps; "
+              f"not Theorem 4.1's quantity): mean ‖Δθ‖ under x* = {steps['mean_refined']:.4g} vs under x = "
+              f"{steps['mean_original']:.4g}; smaller under x* in {100 * steps['share_refined_smaller']:.0f}% of steps")
     print(f"wrote {plot}")
     return {"json": json_path, "plot": plot}
 

@@ -30,7 +30,8 @@ class TurnRecord:
     words: dict[str, dict[str, Any]] = field(default_factory=dict)  # predictor -> accepted/reason/diagnosis
     weights: dict[str, Any] | None = None  # WeightStep.summary()
     delta_norm: float = 0.0
-    delta_norm_original_words: float | None = None  # Theorem 4.1: the same step under the old words
+    delta_norm_original_words: float | None = None  # step-norm comparison: ROSA's step under the old words
+    theorem41: dict[str, Any] | None = None  # Theorem 4.1's minimal shifts (rosa2_dspy.theorem41.measure)
     times: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "completion": 0})
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ import dspy
 import torch
 from dspy.adapters.chat_adapter import field_header_pattern
 
-from rosa2_dspy import persistence
+from rosa2_dspy import persistence, theorem41
 from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
 from rosa2_dspy.attribution import CallRecorder, extend_parent_trace, tag_predictors
 from rosa2_dspy.errors import FeedbackError, TurnFailedError
@@ -97,8 +98,15 @@ class ROSA2(dspy.Module):
         threshold: score at which a task counts as solved, when the source does not say.
         switch_patience: ``switch`` mode moves to the other axis after this many turns without a better reward.
         compare_words: also compute the weights step under the *original* words (not applied) and record
-            its ``‖Δθ‖`` — the Theorem 4.1 comparison; costs one extra gradient pass, timed apart
-            (``times["compare_words"]``), not as adaptation.
+            its ``‖Δθ‖`` (``delta_norm_original_words``): the *step-norm comparison*, ROSA's own step under both
+            contexts (not Theorem 4.1's quantity; see ``measure_theorem41``); costs one extra gradient pass,
+            timed apart (``times["compare_words"]``), not as adaptation.
+        measure_theorem41: on every turn whose words and weights both move, measure Theorem 4.1 as stated:
+            the smallest parameter shift raising ``log π(reference | context)`` by ``theorem41_delta`` nats,
+            under the original and the refined words, at the adapter the step starts from; recorded as
+            ``TurnRecord.theorem41`` (see ``rosa2_dspy.theorem41``). Costs one batched gradient pass over the
+            reference under both contexts per such turn, timed apart (``times["theorem41"]``). Off by default.
+        theorem41_delta: the gain ``δ`` in nats (the ratio of the two shifts does not depend on it).
         expose_refiner: show the refiner's predictor to a parent's ``named_predictors()`` (so a parent's
             optimizer tunes and saves it). Off by default: like ``dspy.Refine``'s reward function, the
             refiner is ROSA2's machinery, not part of the program.
@@ -132,6 +140,8 @@ class ROSA2(dspy.Module):
         threshold: float = 1.0,
         switch_patience: int = 1,
         compare_words: bool = False,
+        measure_theorem41: bool = False,
+        theorem41_delta: float = theorem41.DEFAULT_DELTA,
         expose_refiner: bool = False,
     ) -> None:
         super().__init__()
@@ -156,6 +166,9 @@ class ROSA2(dspy.Module):
         self.threshold = threshold
         self.switch_patience = switch_patience
         self.compare_words = compare_words
+        if not (math.isfinite(theorem41_delta) and theorem41_delta > 0):
+            raise ValueError(f"theorem41_delta must be a finite number > 0 (nats to gain), got {theorem41_delta!r}.")
+        self.measure_theorem41, self.theorem41_delta = measure_theorem41, theorem41_delta
         self.store = SessionStore(self._fresh_state)
         self.adaptation = persistence.AdaptationState(self)  # the sessions, as a DSPy parameter (save/load)
 
@@ -358,7 +371,8 @@ class ROSA2(dspy.Module):
             verdict = feedback if isinstance(feedback, Feedback) else as_feedback(feedback, self.threshold)
             return self._close_turn(session, verdict, adapt=True).record
 
-    def _close_turn(self, session: Session, verdict: Feedback, adapt: bool) -> Turn:
+    def _close_turn(self, session: Session, verdict: Feedback, adapt: bool,
+                    accepted: tuple[dict[str, Any] | None, str | None] = (None, None)) -> Turn:
         """Record the verdict on the pending turn and (unless solved, or ``adapt`` is False) run the words and
         weights steps — all or nothing: if a step fails, the session is exactly as before (the turn pending
         again) and :class:`TurnFailedError` says so; calling ``adapt`` again retries."""
@@ -368,7 +382,7 @@ class ROSA2(dspy.Module):
         if verdict.solved or not adapt:
             return turn
         try:
-            self._adapt(session, turn, verdict.reference)
+            self._adapt(session, turn, verdict.reference, accepted)
         except Exception as err:
             (session.pending, session.turns, session.instructions, session.adapter, session.axis, session.stall,
              session.best_reward, record_state) = saved
@@ -400,7 +414,8 @@ class ROSA2(dspy.Module):
             return session.axis == "words", session.axis == "weights"
         return self.mode in {"prompt-only", "joint"}, self.mode in {"param-only", "joint"}
 
-    def _adapt(self, session: Session, turn: Turn, reference: dict[str, Any] | None) -> None:
+    def _adapt(self, session: Session, turn: Turn, reference: dict[str, Any] | None,
+               accepted: tuple[dict[str, Any] | None, str | None] = (None, None)) -> None:
         record = turn.record
         move_words, move_weights = self._axes(session, record.reward)
         refined = dict(session.instructions)
@@ -419,6 +434,14 @@ class ROSA2(dspy.Module):
                                           "diagnosis": out.diagnosis}
             record.refined_instructions = dict(refined)
             record.times["words"] = time.perf_counter() - start
+        if move_words and move_weights and self.measure_theorem41:
+            start = time.perf_counter()
+            target, source = theorem41.choose_reference(reference, *accepted)
+            original, new = ([r for r in self._responses(session, words, target) if r.source == "reference"]
+                             for words in (session.instructions, refined))
+            record.theorem41 = theorem41.measure(self.policy, original, new, session.adapter, self.theorem41_delta,
+                                                 source, words_changed=refined != session.instructions)
+            record.times["theorem41"] = time.perf_counter() - start
         if move_weights:
             policy = self.policy
             if self.compare_words and refined != session.instructions:
@@ -492,6 +515,8 @@ class ROSA2(dspy.Module):
         session_id = self.store.start(session_id, carry_over_from=carry_over_from)
         self.store.default_id = session_id
         inputs = example.inputs()
+        # The task's accepted answer, for the Theorem 4.1 measurement only (never given to the weights step).
+        accepted = theorem41.accepted_answer(self.feedback_fn, example) if self.measure_theorem41 else (None, None)
         prediction = None
         with self.store.use(session_id) as session:
             for turn in range(max_turns):
@@ -504,7 +529,7 @@ class ROSA2(dspy.Module):
                                             threshold=self.threshold)
                     pending.record.times["feedback"] = time.perf_counter() - start
                     # after the last turn no answer would use an adaptation
-                    self._close_turn(session, verdict, adapt=turn < max_turns - 1)
+                    self._close_turn(session, verdict, adapt=turn < max_turns - 1, accepted=accepted)
                     if verdict.solved:
                         break
             trajectory = session.history

@@ -107,6 +107,12 @@ class SimulatedUser:
             return self.reveal
         return "answer" if turn >= self.reveal_after else "hint"
 
+    def reference_for(self, example: Any) -> dict[str, str] | None:
+        """The task's accepted answer as output-field values (``{answer_field: gold}``), what the ``answer``
+        protocol reveals; None when the example has no gold."""
+        gold = field_text(example, self.gold_field)
+        return None if gold is None else {self.answer_field: gold}
+
     def __call__(self, example: Any, prediction: Any, trace: Any = None,
                  history: list[Any] | None = None) -> dspy.Prediction:
         verdict = call_feedback(self.verifier, example, prediction, trace, history=history)
@@ -129,6 +135,6 @@ class SimulatedUser:
         if level == "answer" and gold is not None:
             multiline = "\n" in gold
             parts.append(f"Here is a correct solution:\n{gold}" if multiline else f"The correct answer is {gold}.")
-            reference = {self.answer_field: gold}
+            reference = self.reference_for(example)
         text = " ".join(p.strip() for p in parts if p and p.strip())
         return dspy.Prediction(score=verdict.score, solved=False, feedback=text, reference=reference)
