@@ -417,6 +417,8 @@ def theorem_rows(theorem: dict[str, Any]) -> list[dict[str, Any]]:
         "‖Δθ(x*)‖/‖Δθ(x)‖ q1 / median / q3": " / ".join(f"{q[k]:.3g}" for k in ("q1", "median", "q3")) if q else "–",
         "share < 1 [95% CI]": with_ci(theorem.get("share_below_1"), theorem.get("share_below_1_ci")),
         "mean log-ratio [95% CI]": with_ci(theorem.get("mean_log_ratio"), theorem.get("mean_log_ratio_ci"), 3),
+        "same level: share < 1 [95% CI]": with_ci((theorem.get("same_level") or {}).get("share_below_1"),
+                                                  (theorem.get("same_level") or {}).get("share_below_1_ci")),
         "reference": ", ".join(f"{k}: {v}" for k, v in sorted((theorem.get("reference_sources") or {}).items())) or "–",
     }]
 

@@ -119,6 +119,14 @@ def measure(policy: LoRAPolicy, original: Sequence[ScoredResponse], refined: Seq
     }
 
 
+def same_level_ratio(measured: dict[str, Any]) -> float:
+    """``‖Δθ(x*)‖/‖Δθ(x)‖`` for reaching one common level ``L = max(log π(ref|x), log π(ref|x*)) + δ`` under
+    both contexts (to first order the shift is ``(L − log π(ref|c)) / ‖g_c‖``), from a :func:`measure` record."""
+    lp_x, lp_xs = measured["logprob_original"], measured["logprob_refined"]
+    level = max(lp_x, lp_xs) + measured["delta"]
+    return ((level - lp_xs) / measured["grad_norm_refined"]) / ((level - lp_x) / measured["grad_norm_original"])
+
+
 def summarize_shifts(trajectories: Sequence[Sequence[Any]]) -> dict[str, Any]:
     """The distribution of ``ratio = ‖Δθ(x*)‖/‖Δθ(x)‖`` over the measured turns of these conversations.
 
@@ -128,6 +136,10 @@ def summarize_shifts(trajectories: Sequence[Sequence[Any]]) -> dict[str, Any]:
     the smaller shift), each with a 95% interval clustered by conversation
     (:func:`~rosa2_dspy.stats.clustered_mean_ci`); the medians of both shifts; ``mean_logprob_gain``,
     the mean of ``log π(ref | x*) − log π(ref | x)``.
+
+    ``same_level`` is a secondary reading from the same records (:func:`same_level_ratio`): the shifts
+    that bring ``log π(ref)`` to one common *level* under both contexts instead of raising it by the same
+    gain, so refined words that already made the reference likelier get credit for it.
     """
     groups = [[r.theorem41 for r in t if getattr(r, "theorem41", None) and "ratio" in r.theorem41]
               for t in trajectories]
@@ -142,6 +154,8 @@ def summarize_shifts(trajectories: Sequence[Sequence[Any]]) -> dict[str, Any]:
     ratios = np.asarray([m["ratio"] for m in measured], dtype=float)
     deltas = sorted({m["delta"] for m in measured})
     below = [[float(m["ratio"] < 1) for m in g] for g in groups]
+    level = [[same_level_ratio(m) for m in g] for g in groups]
+    level_below = [[float(r < 1) for r in g] for g in level]
     log_ratio = [[math.log(m["ratio"]) for m in g] for g in groups]
     out.update({
         "delta": deltas[0] if len(deltas) == 1 else deltas,
@@ -156,5 +170,10 @@ def summarize_shifts(trajectories: Sequence[Sequence[Any]]) -> dict[str, Any]:
         "median_shift_original": float(np.median([m["shift_original"] for m in measured])),
         "median_shift_refined": float(np.median([m["shift_refined"] for m in measured])),
         "mean_logprob_gain": float(np.mean([m["logprob_refined"] - m["logprob_original"] for m in measured])),
+        "same_level": {
+            "median_ratio": float(np.median([r for g in level for r in g])),
+            "share_below_1": float(np.mean([b for g in level_below for b in g])),
+            "share_below_1_ci": clustered_mean_ci(level_below),
+        },
     })
     return out

@@ -151,6 +151,11 @@ def test_the_analysis_reports_the_distribution_and_a_ci_containing_the_share():
     low, high = summary["mean_log_ratio_ci"]
     assert low <= summary["mean_log_ratio"] <= high
     assert summary["mean_logprob_gain"] == pytest.approx(1.0)
+    # Same level L = max(-3, -2) + 1 = -1: x needs 2 nats over ‖g(x)‖ = 2, x* needs 1 nat over 2/ratio.
+    assert theorem41.same_level_ratio(_measured(0.8)) == pytest.approx((1 / (2 / 0.8)) / (2 / 2))
+    level = [(1 / (2 / r)) / 1.0 for r in flat]  # = r / 2: every one below 1 here
+    assert summary["same_level"]["median_ratio"] == pytest.approx(float(np.median(level)))
+    assert summary["same_level"]["share_below_1"] == 1.0 and summary["same_level"]["share_below_1_ci"] == [1.0, 1.0]
     row = experiment.theorem_rows(summary)[0]
     assert row["turns (conversations)"] == "9 (5)" and row["share < 1 [95% CI]"].startswith("0.67 [")
     assert experiment.theorem_41([[_record(None)]]) == {"measured": 0, "conversations": 0, "skipped": {},
