@@ -169,6 +169,7 @@ def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[s
             feedback,
             mode=mode,
             refiner_lm=refiner_lm,
+            refiner_style=config.get("refiner", {}).get("style", "requirements"),
             refiner_fallback=config.get("refiner", {}).get("fallback", "keep"),
             weights=ROSAStep(**config.get("weights", {})),
             adapter=make_adapter(adapter) if (adapter := config.get("actor", {}).get("adapter")) else None,

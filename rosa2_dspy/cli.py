@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
     parser.add_argument("--signature", default="question -> answer")
     parser.add_argument("--refiner-lm", default=None,
                         help="litellm model string for the words step (default: the local actor)")
+    parser.add_argument("--refiner-style", default="requirements", choices=("requirements", "rewrite"),
+                        help="the words step: list the missing requirements and merge them (default), or "
+                             "rewrite the whole instruction (for strong refiners)")
     parser.add_argument("--refiner-fallback", default=None, choices=("keep", "append"),
                         help="what an unusable rewrite becomes (default: 'append' with the local refiner, "
                              "whose rewrites are rarely usable; 'keep' with --refiner-lm)")
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
     refiner = dspy.LM(args.refiner_lm) if args.refiner_lm else None
     fallback = args.refiner_fallback or ("keep" if refiner else "append")
     rosa2 = ROSA2(PROGRAMS[args.program](args.signature), actor, mode=args.mode, refiner_lm=refiner,
-                  refiner_fallback=fallback)
+                  refiner_style=args.refiner_style, refiner_fallback=fallback)
     try:
         if write_token is None and write is print:
             write_token = _print_token

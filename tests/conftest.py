@@ -161,3 +161,26 @@ def embedded_lm():
     from rosa2_dspy.local_lm import LocalLM
 
     return LocalLM("embedded", max_tokens=128)
+
+
+def requirement_refiner(*requirements: str, n: int = 40) -> "dspy.utils.dummies.DummyLM":
+    """A scripted refiner LM (DSPy's DummyLM) that proposes ``requirements`` on every words step."""
+    import json
+
+    from dspy.utils.dummies import DummyLM
+
+    return DummyLM([{"requirements": json.dumps(list(requirements) or ["Reply with one number."])}] * n)
+
+
+def with_requirements(instruction: str, *requirements: str) -> str:
+    """``instruction`` with ``requirements`` merged in, as the words step writes it."""
+    from rosa2_dspy.requirements import merge
+
+    return merge(instruction, requirements).instruction
+
+
+def requirements_of(instructions: dict[str, str]) -> dict[str, list[str]]:
+    """Each predictor's requirements block (what the words step added), by predictor name."""
+    from rosa2_dspy.requirements import split
+
+    return {name: split(text)[1] for name, text in instructions.items()}
