@@ -201,6 +201,7 @@ def test_as_feedback_accepts_every_source() -> None:
 NEEDED = {
     "math": {"question", "answer", "hint", "level"},
     "code": {"question", "entry_point", "tests", "hint", "reference"},
+    "humaneval": {"question", "prompt", "entry_point", "tests", "reference", "task_id"},
     "intent": {"question", "intent", "answer", "accept", "reject", "hint", "kind"},
 }
 
@@ -208,7 +209,7 @@ NEEDED = {
 @pytest.mark.parametrize("name", TASKS)
 def test_datasets_load_with_the_fields_the_verifiers_need(name: str) -> None:
     examples = load_task(name)
-    assert len(examples) == {"math": 24, "code": 12, "intent": 24}[name]
+    assert len(examples) == {"math": 24, "code": 12, "humaneval": 164, "intent": 24}[name]
     for example in examples:
         assert NEEDED[name] <= set(example.keys()), example
         assert set(example.inputs().keys()) == {"question"}
