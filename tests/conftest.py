@@ -161,3 +161,24 @@ def embedded_lm():
     from rosa2_dspy.local_lm import LocalLM
 
     return LocalLM("embedded", max_tokens=128)
+
+
+@pytest.fixture(scope="session")
+def openai_server():
+    """One local HTTP server (127.0.0.1, a free port) for the whole run; ``openai_stub`` scripts it per test."""
+    from openai_stub import OpenAIStub
+
+    server = OpenAIStub.serve()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def openai_stub(openai_server):
+    """An OpenAI-compatible ``/v1/chat/completions`` endpoint on 127.0.0.1 that serves scripted replies and
+    records the requests it got (tests/openai_stub.py); ``openai_stub.lm()`` is a ``dspy.LM`` aimed at it."""
+    from openai_stub import OpenAIStub
+
+    stub = OpenAIStub(openai_server)
+    yield stub
+    stub.close()
