@@ -19,6 +19,7 @@ from dspy.clients.cache import Cache
 from rosa2_dspy.cli import main
 from rosa2_dspy.local_lm import make_adapter
 from rosa2_dspy.rosa2 import ROSA2
+from rosa2_dspy.words import InstructionRefiner
 
 ENGINES = ["auto", "litellm"]
 QUESTION = "What is 2+3?"
@@ -148,3 +149,12 @@ def test_rosa2_chat_refuses_a_refiner_address_without_a_refiner_model(capsys):
     with pytest.raises(SystemExit):
         main(["--refiner-api-base", "http://127.0.0.1:8000/v1"])
     assert "need --refiner-lm" in capsys.readouterr().err
+
+
+def test_the_refiner_reads_a_json_reply_when_its_adapter_asks_for_json(openai_stub):
+    openai_stub.reply(diagnosis="The user wants meters.", refined_instruction="Answer in meters, with the unit.")
+    with dspy.context(adapter=dspy.JSONAdapter()):
+        out = InstructionRefiner(openai_stub.lm())(instruction="Answer the question.", feedback="In meters, please.")
+    assert (out.refined_instruction, out.accepted, out.source) == ("Answer in meters, with the unit.", True, "lm")
+    (request,) = openai_stub.requests
+    assert "JSON object" in request.text and "In meters, please." in request.text
