@@ -184,3 +184,22 @@ def requirements_of(instructions: dict[str, str]) -> dict[str, list[str]]:
     from rosa2_dspy.requirements import split
 
     return {name: split(text)[1] for name, text in instructions.items()}
+@pytest.fixture(scope="session")
+def openai_server():
+    """One local HTTP server (127.0.0.1, a free port) for the whole run; ``openai_stub`` scripts it per test."""
+    from openai_stub import OpenAIStub
+
+    server = OpenAIStub.serve()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def openai_stub(openai_server):
+    """An OpenAI-compatible ``/v1/chat/completions`` endpoint on 127.0.0.1 that serves scripted replies and
+    records the requests it got (tests/openai_stub.py); ``openai_stub.lm()`` is a ``dspy.LM`` aimed at it."""
+    from openai_stub import OpenAIStub
+
+    stub = OpenAIStub(openai_server)
+    yield stub
+    stub.close()
