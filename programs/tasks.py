@@ -1,4 +1,10 @@
-"""The shipped tasks (math, code, intent) and the simulated user that gives feedback on each."""
+"""The shipped tasks and the simulated user that gives feedback on each.
+
+* ``math``: multi-step arithmetic word problems made by :mod:`programs.mathgen` (seeded, GSM-Symbolic
+  style; ``limit`` problems, default 96, of split ``split`` from ``seed``), graded by their number of steps;
+* ``math_smoke``: the 24 hand-written math questions of ``programs/data/math_smoke.jsonl`` (levels 1-5);
+* ``code`` (HumanEval-style) and ``intent`` (underspecified questions): ``programs/data/*.jsonl``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,17 @@ from importlib import resources
 
 import dspy
 
+from programs import mathgen
 from rosa2_dspy.feedback import FeedbackFn
 from rosa2_dspy.feedback.code import CodeVerifier
 from rosa2_dspy.feedback.intent import IntentVerifier
 from rosa2_dspy.feedback.math import MathVerifier
 from rosa2_dspy.feedback.simulated_user import Reveal, SimulatedUser, protocol_settings
 
-TASKS = ("math", "code", "intent")
-_SIGNATURES = {"math": "question -> answer", "code": "question -> code", "intent": "question -> answer"}
+TASKS = ("math", "math_smoke", "code", "intent")
+GENERATED = ("math",)
+_SIGNATURES = {"math": "question -> answer", "math_smoke": "question -> answer", "code": "question -> code",
+               "intent": "question -> answer"}
 
 
 def _check(name: str) -> None:
@@ -22,13 +31,19 @@ def _check(name: str) -> None:
         raise ValueError(f"Unknown task {name!r}; choose one of {TASKS}.")
 
 
-def load_task(name: str, limit: int | None = None, spread: bool = False) -> list[dspy.Example]:
+def load_task(name: str, limit: int | None = None, spread: bool = False, seed: int = 0,
+              split: str = "test") -> list[dspy.Example]:
     """The task's examples (all fields kept for the verifiers), with ``question`` as the only input.
 
-    ``limit`` keeps the first ``limit`` rows, or, with ``spread=True``, ``limit`` rows evenly spaced over
-    the file, so that a small run still covers every difficulty level (the files are ordered by level).
+    For a file task, ``limit`` keeps the first ``limit`` rows, or, with ``spread=True``, ``limit`` rows
+    evenly spaced over the file, so that a small run still covers every difficulty level (the files are
+    ordered by level). For a generated task (``math``), ``limit`` is the number of problems (default
+    :data:`programs.mathgen.DEFAULT_SIZE`), ``seed`` and ``split`` (``"test"``, or ``"dev"`` for tuning)
+    choose them, and every prefix is already spread over the step counts; ``seed``/``split`` apply only there.
     """
     _check(name)
+    if name in GENERATED:
+        return mathgen.generate(mathgen.DEFAULT_SIZE if limit is None else limit, seed=seed, split=split)
     text = resources.files("programs").joinpath("data", f"{name}.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     if limit is not None and spread and 0 < limit < len(rows):
@@ -55,5 +70,5 @@ def feedback_for(name: str, reveal: Reveal = "hint", reveal_after: int | None = 
         reveal, reveal_after = settings["reveal"], settings["reveal_after"]
     if name == "code":
         return SimulatedUser(CodeVerifier(), reveal, reveal_after, answer_field="code", gold_field="reference")
-    verifier = MathVerifier() if name == "math" else IntentVerifier()
+    verifier = MathVerifier() if name.startswith("math") else IntentVerifier()
     return SimulatedUser(verifier, reveal, reveal_after, answer_field="answer", gold_field="answer")
