@@ -11,6 +11,7 @@ and ``results/<name>.png`` (accuracy over turns, like the paper's Figure 2a).
 Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by name, not code::
 
     {"name": "...", "task": "intent", "limit": 8, "spread": false, "program": "predict", "modes": [...],
+     "generator": {"split": "test", "seed": 0},
      "max_turns": 4, "concurrency": 8,
      "actor": {"model": "embedded", "device": "cpu", "dtype": "float32", "max_tokens": 64,
                "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
@@ -23,6 +24,11 @@ model string prefixed ``"litellm:"`` for a served actor (then only ``static`` an
 ``refiner.lm`` is ``"actor"`` or any litellm model string. ``actor.adapter`` (optional) is the DSPy adapter,
 ``"plain"`` or ``"chat"``; without it a local actor uses ``LocalLM``'s default (``DEFAULT_ADAPTER``) and a
 served one ``LenientChatAdapter``.
+
+``generator`` (generated tasks only, ``math``: see ``programs.mathgen``) picks the problems: ``split``
+``"test"`` (what the shipped configs report on) or ``"dev"`` (for tuning), and ``seed``; ``limit`` is
+their number. Examples that carry ``steps`` (the generated math problems) are also reported by step
+count: ``results["by_steps"][mode][steps]`` is the share solved by the last turn, with its interval.
 
 ``concurrency`` (default 8; ``--concurrency``) is how many conversations run at once: every (mode, task)
 interaction is a call of ``ROSA2.interact`` on a thread pool, the way a user serves many users from one
@@ -72,7 +78,7 @@ from programs.tasks import feedback_for, load_task, signature_for
 from rosa2_dspy import MODES, ROSA2, LocalLM, LoRASettings, ROSAStep, summarize
 from rosa2_dspy.feedback.simulated_user import PROTOCOLS, protocol_of
 from rosa2_dspy.records import TurnRecord
-from rosa2_dspy.stats import METHOD, compare_modes, with_ci
+from rosa2_dspy.stats import METHOD, accuracy_by_group, compare_modes, with_ci
 from rosa2_dspy.local_lm import make_adapter
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -273,7 +279,8 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
     task = config.get("task", "intent")
     protocol, _ = resolve_protocol(config)
     config = {**config, "protocol": protocol}
-    examples = load_task(task, limit=config.get("limit"), spread=config.get("spread", False))
+    examples = load_task(task, limit=config.get("limit"), spread=config.get("spread", False),
+                         **config.get("generator", {}))
     modes = mode_names(config)
     jobs = [(mode, i) for mode in modes for i in range(len(examples))]
     store = ProgressFile(Path(progress_path), config_hash(config, examples), config) if progress_path else None
@@ -297,7 +304,8 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
         _run_jobs(todo, converse, records, store, examples, int(config.get("concurrency", 8)), len(jobs), progress)
     wall = time.perf_counter() - start
     trajectories = {mode: [records[(mode, i)] for i in range(len(examples))] for mode in modes}
-    results = analyse(config, trajectories)
+    steps = [e.get("steps") for e in examples]
+    results = analyse(config, trajectories, steps if all(s is not None for s in steps) else None)
     results.update(wall_seconds=wall, resumed=len(jobs) - len(todo))
     return results
 
@@ -339,16 +347,21 @@ def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[st
         raise error
 
 
-def analyse(config: dict[str, Any], trajectories: dict[str, list[list[TurnRecord]]]) -> dict[str, Any]:
-    """Summaries (with intervals), paired comparisons and the Theorem 4.1 check of a run's trajectories."""
+def analyse(config: dict[str, Any], trajectories: dict[str, list[list[TurnRecord]]],
+            task_steps: list[int] | None = None) -> dict[str, Any]:
+    """Summaries (with intervals), paired comparisons and the Theorem 4.1 check of a run's trajectories;
+    with ``task_steps`` (one per task) also each mode's accuracy by the last turn per step count."""
     max_turns = config.get("max_turns", 4)
     protocol = config.get("protocol") or resolve_protocol(config)[0]
     summaries = {mode: summarize(runs, max_turns) for mode, runs in trajectories.items()}
     comparisons = compare_modes({mode: s["solved_at"] for mode, s in summaries.items()}, max_turns)
+    by_steps = ({mode: accuracy_by_group(s["solved_at"], task_steps, max_turns) for mode, s in summaries.items()}
+                if task_steps else None)
     return {
         "config": config, "protocol": protocol, "protocol_label": PROTOCOLS[protocol],
         "statistics": METHOD, "summaries": summaries, "comparisons": comparisons,
         "theorem_4_1": theorem_41(trajectories["joint"]) if "joint" in trajectories else {},
+        **({"task_steps": task_steps, "by_steps": by_steps} if task_steps else {}),
         "trajectories": {mode: [[r.to_dict() for r in t] for t in runs] for mode, runs in trajectories.items()},
     }
 
@@ -382,6 +395,12 @@ def comparison_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "a − b [95% CI]": with_ci(c["difference"], c["difference_ci"]),
         "only a solved": c["a_only"], "only b solved": c["b_only"], "McNemar p (exact)": round(c["mcnemar_p"], 4),
     } for c in comparisons]
+
+
+def steps_rows(by_steps: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per mode: the share solved by the last turn for each step count, ``value [95% CI] (n)``."""
+    return [{"mode": mode, **{f"{steps} steps": f"{with_ci(g['accuracy'], g['accuracy_ci'])} (n={g['tasks']})"
+                              for steps, g in groups.items()}} for mode, groups in by_steps.items()]
 
 
 def title_for(results: dict[str, Any]) -> str:
@@ -438,6 +457,9 @@ def report(results: dict[str, Any], name: str, machine: dict[str, Any] | None = 
         turn = results["comparisons"][0]["turn"]
         print(f"\nPaired comparisons on the same tasks, solved by turn {turn} ({results.get('statistics', METHOD)}):")
         print(format_table(comparison_rows(results["comparisons"])))
+    if results.get("by_steps"):
+        print(f"\nSolved by turn {results['config'].get('max_turns', 4)}, by the problem's number of steps:")
+        print(format_table(steps_rows(results["by_steps"])))
     plot = plot_accuracy(results["summaries"], json_path.with_suffix(".png"), title)
     theorem = results["theorem_4_1"]
     if theorem.get("pairs"):
@@ -454,7 +476,7 @@ def reanalyse(path: str | Path, name: str | None = None) -> dict[str, Path]:
     old = json.loads(Path(path).read_text())
     trajectories = {mode: [[TurnRecord.from_dict(r) for r in t] for t in runs]
                     for mode, runs in old["trajectories"].items()}
-    results = analyse(old["config"], trajectories)
+    results = analyse(old["config"], trajectories, old.get("task_steps"))
     results.update({k: old[k] for k in ("wall_seconds", "resumed") if k in old})
     return report(results, name or Path(path).stem, machine=old.get("machine"))
 
