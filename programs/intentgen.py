@@ -8,8 +8,8 @@ kind has
   oracle instruction writes in, see :func:`programs.tasks.oracle_text`);
 * a gold answer in that form (``answer``: what the ``answer`` protocol reveals);
 * a checker that scores the **format** and the **value** separately (:func:`check`): ``format_ok`` (the
-  answer has the wanted form, whatever its number), ``value_ok`` (the answer states the right number and
-  no other number than those of the question), ``solved`` = both.
+  answer has the wanted form, whatever its number), ``value_ok`` (the last number the answer states is the
+  right one: shown work counts, a list of guesses ending elsewhere does not), ``solved`` = both.
 
 Kinds (:data:`KINDS`): some a small model can follow once told plainly (``prefix``, ``parens``, ``bare``,
 ``unit``, ``caps``), some hard (``words``, ``decimals``, ``bold``).
@@ -94,13 +94,14 @@ def words_to_number(text: str) -> int | None:
 
 
 def numbers_in(text: str) -> list[float]:
-    """Every number ``text`` states, in digits (``1,500``, ``120.00``) or in English words (``twelve``)."""
-    found = [float(m.group().replace(",", "")) for m in _DIGITS.finditer(text)]
+    """Every number ``text`` states, in digits (``1,500``, ``120.00``) or in English words (``twelve``), in
+    the order they appear."""
+    found = [(m.start(), float(m.group().replace(",", ""))) for m in _DIGITS.finditer(text)]
     for run in _WORD_RUN.finditer(text):
         value = words_to_number(run.group())
         if value is not None:
-            found.append(float(value))
-    return found
+            found.append((run.start(), float(value)))
+    return [value for _, value in sorted(found)]
 
 
 # ------------------------------------------------------------------------------------------------ the kinds
@@ -143,11 +144,11 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
 ]}
 
 
-def value_ok(answer: str, value: float, question: str) -> bool:
-    """The answer states ``value`` and no number other than it and those of the question (no guessing lists)."""
+def value_ok(answer: str, value: float, question: str = "") -> bool:
+    """The answer's last stated number is ``value`` (shown work such as "19 * 100 = 1900" counts; a list of
+    guesses ending in another number does not). ``question`` is kept for callers that pass it."""
     stated = numbers_in(answer)
-    allowed = {float(value), *numbers_in(question)}
-    return float(value) in stated and all(n in allowed for n in stated)
+    return bool(stated) and stated[-1] == float(value)
 
 
 def check(kind: str, answer: str | None, value: float, question: str, unit: str = "") -> tuple[bool, bool]:

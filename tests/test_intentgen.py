@@ -64,9 +64,9 @@ def test_checker_scores_format_and_value_separately(kind):
     assert check(kind, "", VALUE, QUESTION, UNIT) == (False, False)
 
 
-def test_a_list_of_guesses_is_not_the_value():
-    assert check("unit", "170 or 180 minutes", VALUE, QUESTION, UNIT) == (True, False)
-    assert check("unit", "3 hours are 180 minutes", VALUE, QUESTION, UNIT) == (True, True)  # restating is fine
+def test_the_value_is_the_last_number_stated():
+    assert check("unit", "180 or 170 minutes", VALUE, QUESTION, UNIT) == (True, False)
+    assert check("unit", "3 hours are 3 * 60 = 180 minutes", VALUE, QUESTION, UNIT) == (True, True)  # shown work
 
 
 def test_verifier_says_what_is_wrong_without_the_intent_or_value_and_the_user_adds_them_per_protocol():
