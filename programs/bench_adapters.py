@@ -35,20 +35,13 @@ import dspy
 
 from programs.experiment import PROGRAMS, load_config
 from programs.reporting import write_results
-from programs.tasks import load_task, signature_for
+from programs.tasks import MATH_FORM, load_task, oracle_text, signature_for, with_instruction_note
 from rosa2_dspy.adapter import answer_parsed
 from rosa2_dspy.feedback.intent import IntentVerifier
 from rosa2_dspy.feedback.math import MathVerifier
 from rosa2_dspy.local_lm import LocalLM, lm_scope, make_adapter
 
 CONFIGS = {"intent": "default", "math_smoke": "math_smoke", "math": "math"}
-MATH_FORM = ("Give the final answer as a number only, or as a LaTeX expression (like \\frac{a}{b}, a\\sqrt{b} "
-             "or a\\pi) when it is not a whole number.")
-
-
-def oracle_text(task: str, example: dspy.Example) -> str:
-    """The hidden intent, as a sentence to add to the instruction."""
-    return f"The user wants {example.intent}." if task == "intent" else MATH_FORM
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -77,9 +70,7 @@ def answer_all(lm: dspy.BaseLM, task: str, program: str, examples: list[dspy.Exa
     def one(example: dspy.Example) -> dict[str, Any]:
         module = PROGRAMS[program](signature_for(task))
         if oracle:
-            for _, predictor in module.named_predictors():
-                instructions = f"{predictor.signature.instructions}\n{oracle_text(task, example)}"
-                predictor.signature = predictor.signature.with_instructions(instructions)
+            module = with_instruction_note(module, oracle_text(task, example))
         raw: list = []
         error, prediction = None, None
         with lm_scope(None, raw), dspy.context(lm=lm, adapter=adapter):

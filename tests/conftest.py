@@ -172,13 +172,6 @@ def requirement_refiner(*requirements: str, n: int = 40) -> "dspy.utils.dummies.
     return DummyLM([{"requirements": json.dumps(list(requirements) or ["Reply with one number."])}] * n)
 
 
-def with_requirements(instruction: str, *requirements: str) -> str:
-    """``instruction`` with ``requirements`` merged in, as the words step writes it."""
-    from rosa2_dspy.requirements import merge
-
-    return merge(instruction, requirements).instruction
-
-
 def requirements_of(instructions: dict[str, str]) -> dict[str, list[str]]:
     """Each predictor's requirements block (what the words step added), by predictor name."""
     from rosa2_dspy.requirements import split

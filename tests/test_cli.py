@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dspy
 import torch
-from dspy.utils.dummies import DummyLM
 
 from conftest import make_scripted_policy, requirement_refiner, with_requirements
 from rosa2_dspy.cli import main, run_chat

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 import dspy
 import pytest
 import torch
-from dspy.utils.dummies import DummyLM
 
 from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
 from rosa2_dspy.rosa2 import ROSA2

@@ -15,7 +15,7 @@ from dspy.clients.base_lm import GLOBAL_HISTORY
 from dspy.teleprompt import COPRO, BootstrapFewShot, LabeledFewShot
 from dspy.utils.dummies import DummyLM
 
-from conftest import Outer, build_tiny_model, build_tiny_tokenizer, requirement_refiner, requirements_of, with_requirements
+from conftest import Outer, build_tiny_model, build_tiny_tokenizer, requirement_refiner, requirements_of
 from rosa2_dspy.local_lm import LocalLM
 from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 from rosa2_dspy import records

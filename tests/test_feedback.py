@@ -204,13 +204,15 @@ NEEDED = {
     "code": {"question", "entry_point", "tests", "hint", "reference"},
     "humaneval": {"question", "prompt", "entry_point", "tests", "reference", "task_id"},
     "intent": {"question", "intent", "answer", "accept", "reject", "hint", "kind"},
+    "intentgen": {"question", "intent", "answer", "hint", "kind", "value", "unit", "split", "example"},
 }
 
 
 @pytest.mark.parametrize("name", TASKS)
 def test_datasets_load_with_the_fields_the_verifiers_need(name: str) -> None:
     examples = load_task(name)
-    assert len(examples) == {"math": 96, "math_smoke": 24, "code": 12, "humaneval": 164, "intent": 24}[name]
+    assert len(examples) == {"math": 96, "math_smoke": 24, "code": 12, "humaneval": 164, "intent": 24,
+                             "intentgen": 96}[name]
     for example in examples:
         assert NEEDED[name] <= set(example.keys()), example
         assert set(example.inputs().keys()) == {"question"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dspy
 import pytest
 import torch
-from dspy.utils.dummies import DummyLM
 
 from rosa2_dspy.errors import TurnFailedError
 from rosa2_dspy.rosa2 import ROSA2

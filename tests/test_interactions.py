@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dspy
 import pytest
-from dspy.utils.dummies import DummyLM
 
 from rosa2_dspy.interactions import Interaction, as_interactions, on_task, per_turn, result_of, solved
 from rosa2_dspy.rosa2 import ROSA2

@@ -9,7 +9,6 @@ import os
 import dspy
 import pytest
 import torch
-from dspy.utils.dummies import DummyLM
 
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.rosa2 import ROSA2
