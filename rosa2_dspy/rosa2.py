@@ -89,8 +89,11 @@ class ROSA2(dspy.Module):
             only if its signature names it (see ``rosa2_dspy.feedback``).
         mode: one of ``static``, ``prompt-only``, ``param-only``, ``switch``, ``joint`` (ROSA2).
         refiner_lm: the words step's LM (e.g. ``dspy.LM("openai/gpt-4o-mini")``); default: the actor.
-        refiner_fallback: when the refiner's rewrite is unusable, ``"keep"`` the instruction (default) or
-            ``"append"`` the feedback to it (see :class:`~rosa2_dspy.words.InstructionRefiner`).
+        refiner_style: ``"requirements"`` (default: the refiner lists the missing requirements, which are
+            merged into the instruction) or ``"rewrite"`` (it rewrites the whole instruction; for strong
+            refiners). See :class:`~rosa2_dspy.words.InstructionRefiner`.
+        refiner_fallback: when the refiner's output is unusable, ``"keep"`` the instruction (default) or
+            ``"append"`` the feedback to it as a requirement.
         weights: the weights step; default :class:`ROSAStep`.
         adapter: DSPy adapter for the actor (and the refiner); default: a :class:`LocalLM` actor's
             ``default_adapter`` (``LocalLM(adapter=...)``), else :class:`LenientChatAdapter`.
@@ -133,6 +136,7 @@ class ROSA2(dspy.Module):
         *,
         mode: str = "joint",
         refiner_lm: dspy.BaseLM | None = None,
+        refiner_style: str = "requirements",
         refiner_fallback: str = "keep",
         weights: WeightOptimizer | None = None,
         adapter: dspy.Adapter | None = None,
@@ -155,7 +159,7 @@ class ROSA2(dspy.Module):
         self.lm = lm
         self.feedback_fn = feedback  # an unsupported shape fails here, not after the first turn
         self.mode = mode
-        self.refiner = InstructionRefiner(lm=refiner_lm or lm, fallback=refiner_fallback)
+        self.refiner = InstructionRefiner(lm=refiner_lm or lm, style=refiner_style, fallback=refiner_fallback)
         # DSPy's way to keep a sub-module away from optimizers: a compiled (frozen) module is left out of
         # a parent's named_parameters()/named_predictors(), and so from its optimizers and saves.
         self.refiner._compiled = not expose_refiner
@@ -424,14 +428,21 @@ class ROSA2(dspy.Module):
             if not record.feedback:
                 record.words = {n: {"accepted": False, "reason": "no feedback text"} for n in refined}
             else:
+                revealed = [str(v) for v in (reference or {}).values()]
                 for name in refined:
+                    calls = [c for t in session.turns for c in t.calls if c.predictor == name]
                     # The refiner runs under the model's own adapter, not the conversation's.
                     with lm_scope(), dspy.context(adapter=self.adapter):
                         out = self.refiner(instruction=refined[name], feedback=record.feedback,
-                                           history=self._history_text(session, name))
+                                           history=self._history_text(session, name),
+                                           answers=[str(v) for c in calls for v in c.outputs.values()],
+                                           reference=revealed,
+                                           inputs=[str(v) for c in calls for v in c.inputs.values()])
                     refined[name] = out.refined_instruction
                     record.words[name] = {"accepted": out.accepted, "reason": out.reason, "source": out.source,
-                                          "diagnosis": out.diagnosis}
+                                          "diagnosis": out.diagnosis, "chars": len(out.refined_instruction),
+                                          **{k: out.get(k) for k in ("requirements", "added", "replaced",
+                                                                     "rejected") if out.get(k) is not None}}
             record.refined_instructions = dict(refined)
             record.times["words"] = time.perf_counter() - start
         if move_words and move_weights and self.measure_theorem41:

@@ -153,6 +153,24 @@ def compare_modes(solved_at: dict[str, Sequence[int | None]], k: int, seed: int 
     return rows
 
 
+def accuracy_by_group(solved_at: Sequence[int | None], groups: Sequence[Any], k: int,
+                      seed: int = SEED) -> dict[str, dict[str, Any]]:
+    """Solved-by-turn-``k`` accuracy per group of tasks (e.g. a math problem's number of steps), each with
+    its bootstrap interval: ``{str(group): {"tasks", "solved", "accuracy", "accuracy_ci"}}`` in group order.
+
+    >>> accuracy_by_group([1, None, 2, None], [2, 2, 3, 3], k=2)["3"]["accuracy"]
+    0.5
+    """
+    if len(solved_at) != len(groups):
+        raise ValueError(f"One group per task is needed; got {len(groups)} groups for {len(solved_at)} tasks.")
+    out: dict[str, dict[str, Any]] = {}
+    for group in sorted(set(groups)):
+        solved = solved_by([s for s, g in zip(solved_at, groups) if g == group], k)
+        out[str(group)] = {"tasks": len(solved), "solved": sum(solved), "accuracy": sum(solved) / len(solved),
+                           "accuracy_ci": bootstrap_ci(solved, seed=seed)}
+    return out
+
+
 def with_ci(value: float | None, interval: Interval, digits: int = 2) -> str:
     """``"0.62 [0.25, 0.88]"``; ``"–"`` for no value; the bare value where there is no interval."""
     if value is None:

@@ -128,7 +128,7 @@ class SimulatedUser:
                 parts.append(f"What I meant: {intent.rstrip('.')}.")
         if level == "hint" or (level == "answer" and gold is None):
             hint = field_text(example, self.hint_field)
-            if hint is None and gold is not None:
+            if hint is None and gold is not None and "\n" not in gold:  # a multi-line gold is a solution, not a number
                 hint = numeric_hint(gold, field_text(prediction, self.answer_field))
             parts.append(f"Hint: {hint}" if hint else "Check your work step by step.")
         reference = verdict.reference
