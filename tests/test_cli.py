@@ -5,7 +5,7 @@ from __future__ import annotations
 import dspy
 import torch
 
-from conftest import make_scripted_policy, requirement_refiner, with_requirements
+from conftest import make_scripted_policy, requirement_refiner
 from rosa2_dspy.cli import main, run_chat
 from rosa2_dspy.local_lm import LocalLM
 from rosa2_dspy.rosa2 import ROSA2

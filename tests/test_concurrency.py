@@ -16,7 +16,7 @@ import torch
 from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
-from conftest import requirement_refiner, requirements_of, with_requirements
+from conftest import requirement_refiner, requirements_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-for-bit comparisons (conftest)
 

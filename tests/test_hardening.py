@@ -9,7 +9,7 @@ import torch
 from rosa2_dspy.errors import TurnFailedError
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import IterativeTTT, ROSAStep
-from conftest import requirement_refiner, with_requirements
+from conftest import requirement_refiner
 
 
 def make(lm):

@@ -11,7 +11,7 @@ import pytest
 from rosa2_dspy.interactions import Interaction, as_interactions, on_task, per_turn, result_of, solved
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep
-from conftest import requirement_refiner, requirements_of, with_requirements
+from conftest import requirement_refiner, requirements_of
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-for-bit comparisons (conftest)

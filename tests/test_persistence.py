@@ -13,7 +13,7 @@ import torch
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep
-from conftest import requirement_refiner, requirements_of, with_requirements
+from conftest import requirement_refiner, requirements_of
 
 QUESTION = "What is 2+3?"
 
