@@ -26,6 +26,7 @@ QUESTION = "What is 2+3?"
 
 
 def _rosa2(actor, refiner_lm, **kwargs):
+    kwargs.setdefault("refiner_style", "rewrite")  # a strong remote refiner may rewrite the whole instruction
     return ROSA2(dspy.Predict("question -> answer"), actor, mode="prompt-only", refiner_lm=refiner_lm, **kwargs)
 
 
@@ -34,6 +35,27 @@ def _error_class(reason: str) -> type:
     found = re.search(r"\b(LM\w*Error)\b", reason)
     assert found, f"no error class in {reason!r}"
     return getattr(dspy, found.group(1))
+
+
+@pytest.mark.parametrize("adapter", ["chat", "plain"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_remote_refiners_requirements_are_merged_into_the_instruction(openai_stub, scripted_lm, engine, adapter):
+    openai_stub.reply(requirements=["Write numbers in English words, not digits."])
+    openai_stub.reply(requirements=["Write the whole answer in capital letters.", "The answer is FIVE."])
+    rosa2 = _rosa2(scripted_lm, openai_stub.lm(engine=engine), adapter=make_adapter(adapter),
+                   refiner_style="requirements")
+    (name, original), = rosa2.original_instructions.items()
+    rosa2(question=QUESTION)
+    record = rosa2.adapt("Write the number in words, please.")
+    assert record.words[name]["source"] == "lm" and record.words[name]["added"] == [
+        "Write numbers in English words, not digits."]
+    rosa2(question=QUESTION)
+    record = rosa2.adapt("Capital letters, please.")
+    assert record.words[name]["rejected"] == [["The answer is FIVE.", "states a specific answer"]]
+    assert rosa2.session.instructions[name] == (
+        f"{original}\n\nRequirements:\n- Write numbers in English words, not digits.\n"
+        "- Write the whole answer in capital letters.")
+    assert len(openai_stub.requests) == 2 and "Capital letters, please." in openai_stub.requests[1].text
 
 
 @pytest.mark.parametrize("adapter", ["chat", "plain"])
@@ -137,7 +159,8 @@ def test_rosa2_chat_uses_a_refiner_served_at_an_address(openai_stub, tiny_model_
     shown: list[str] = []
     main(["--model", str(tiny_model_dir), "--program", "predict", "--mode", "prompt-only", "--max-tokens", "8",
           "--no-stream", "--refiner-lm", "openai/local-refiner", "--refiner-api-base", openai_stub.api_base,
-          "--refiner-api-key", "local"], read=lambda prompt: next(lines), write=shown.append)
+          "--refiner-api-key", "local", "--refiner-style", "rewrite"], read=lambda prompt: next(lines),
+         write=shown.append)
 
     assert f"[words] self: refined: {refinement}" in "\n".join(shown)
     (request,) = openai_stub.requests
@@ -154,7 +177,8 @@ def test_rosa2_chat_refuses_a_refiner_address_without_a_refiner_model(capsys):
 def test_the_refiner_reads_a_json_reply_when_its_adapter_asks_for_json(openai_stub):
     openai_stub.reply(diagnosis="The user wants meters.", refined_instruction="Answer in meters, with the unit.")
     with dspy.context(adapter=dspy.JSONAdapter()):
-        out = InstructionRefiner(openai_stub.lm())(instruction="Answer the question.", feedback="In meters, please.")
+        out = InstructionRefiner(openai_stub.lm(), style="rewrite")(instruction="Answer the question.",
+                                                                    feedback="In meters, please.")
     assert (out.refined_instruction, out.accepted, out.source) == ("Answer in meters, with the unit.", True, "lm")
     (request,) = openai_stub.requests
     assert "JSON object" in request.text and "In meters, please." in request.text
