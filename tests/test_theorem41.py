@@ -35,7 +35,9 @@ def test_recorded_shifts_equal_delta_over_the_gradient_norm_computed_independent
     # scored one pair at a time at the adapter the step started from.
     adapter = rosa2.adapter
     norms = {}
-    for name, instruction in (("original", rosa2.original_instructions["predict"]), ("refined", REFINED)):
+    refined = rosa2.session.instructions["predict"]
+    assert REFINED in refined
+    for name, instruction in (("original", rosa2.original_instructions["predict"]), ("refined", refined)):
         signature = rosa2.program.predict.signature.with_instructions(instruction)
         messages = adapter.format(signature, demos=[], inputs={"question": EXAMPLE.question})
         reference = adapter.format_assistant_message_content(
