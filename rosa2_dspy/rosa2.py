@@ -44,7 +44,6 @@ from typing import Any
 
 import dspy
 import torch
-from dspy.adapters.chat_adapter import field_header_pattern
 
 from rosa2_dspy import persistence, theorem41
 from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
@@ -53,10 +52,11 @@ from rosa2_dspy.errors import FeedbackError, TurnFailedError
 from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback, metric_caller
 from rosa2_dspy.local_lm import LocalLM, lm_scope
 from rosa2_dspy.streaming import listening_to_copies
+from rosa2_dspy.turn import adapt_turn
 from rosa2_dspy.policy import LoRAPolicy
 from rosa2_dspy.records import InteractionPrediction, InteractionResult, TurnRecord
 from rosa2_dspy.sessions import Session, SessionStore, Turn
-from rosa2_dspy.weights import ROSAStep, ScoredResponse, WeightOptimizer
+from rosa2_dspy.weights import ROSAStep, WeightOptimizer
 from rosa2_dspy.words import InstructionRefiner
 
 MODES = ("static", "prompt-only", "param-only", "switch", "joint")
@@ -405,105 +405,10 @@ class ROSA2(dspy.Module):
         session.turns.append(turn)
         return turn
 
-    def _axes(self, session: Session, reward: float) -> tuple[bool, bool]:
-        if self.mode == "switch":
-            if reward <= session.best_reward:
-                session.stall += 1
-                if session.stall >= self.switch_patience:
-                    session.axis = "weights" if session.axis == "words" else "words"
-                    session.stall = 0
-            else:
-                session.stall = 0
-            session.best_reward = max(session.best_reward, reward)
-            return session.axis == "words", session.axis == "weights"
-        return self.mode in {"prompt-only", "joint"}, self.mode in {"param-only", "joint"}
-
     def _adapt(self, session: Session, turn: Turn, reference: dict[str, Any] | None,
                accepted: tuple[dict[str, Any] | None, str | None] = (None, None)) -> None:
-        record = turn.record
-        move_words, move_weights = self._axes(session, record.reward)
-        refined = dict(session.instructions)
-        if move_words:
-            start = time.perf_counter()
-            if not record.feedback:
-                record.words = {n: {"accepted": False, "reason": "no feedback text"} for n in refined}
-            else:
-                revealed = [str(v) for v in (reference or {}).values()]
-                for name in refined:
-                    calls = [c for t in session.turns for c in t.calls if c.predictor == name]
-                    # The refiner runs under the model's own adapter, not the conversation's.
-                    with lm_scope(), dspy.context(adapter=self.adapter):
-                        out = self.refiner(instruction=refined[name], feedback=record.feedback,
-                                           history=self._history_text(session, name),
-                                           answers=[str(v) for c in calls for v in c.outputs.values()],
-                                           reference=revealed,
-                                           inputs=[str(v) for c in calls for v in c.inputs.values()])
-                    refined[name] = out.refined_instruction
-                    record.words[name] = {"accepted": out.accepted, "reason": out.reason, "source": out.source,
-                                          "diagnosis": out.diagnosis, "chars": len(out.refined_instruction),
-                                          **{k: out.get(k) for k in ("requirements", "added", "replaced",
-                                                                     "rejected") if out.get(k) is not None}}
-            record.refined_instructions = dict(refined)
-            record.times["words"] = time.perf_counter() - start
-        if move_words and move_weights and self.measure_theorem41:
-            start = time.perf_counter()
-            target, source = theorem41.choose_reference(reference, *accepted)
-            original, new = ([r for r in self._responses(session, words, target) if r.source == "reference"]
-                             for words in (session.instructions, refined))
-            record.theorem41 = theorem41.measure(self.policy, original, new, session.adapter, self.theorem41_delta,
-                                                 source, words_changed=refined != session.instructions)
-            record.times["theorem41"] = time.perf_counter() - start
-        if move_weights:
-            policy = self.policy
-            if self.compare_words and refined != session.instructions:
-                start = time.perf_counter()
-                dry = self.weights.step(policy, self._responses(session, session.instructions, reference),
-                                        apply=False, adapter=session.adapter)
-                record.delta_norm_original_words = dry.raw_delta_norm
-                record.times["compare_words"] = time.perf_counter() - start
-            start = time.perf_counter()
-            step = self.weights.step(policy, self._responses(session, refined, reference), adapter=session.adapter)
-            if step.applied:
-                session.adapter = step.adapter
-            record.weights = step.summary()
-            record.delta_norm = step.delta_norm if step.applied else 0.0
-            record.times["weights"] = time.perf_counter() - start
-        session.instructions = refined
-
-    def _history_text(self, session: Session, predictor: str) -> str:
-        lines = []
-        for t in session.turns:
-            outputs = "; ".join(f"{k}: {v}" for c in t.calls if c.predictor == predictor for k, v in c.outputs.items())
-            lines.append(f"Turn {t.record.turn} (reward {t.record.reward}): answer: {outputs} | feedback: {t.record.feedback}")
-        return "\n".join(lines)
-
-    def _responses(self, session: Session, instructions: dict[str, str],
-                   reference: dict[str, Any] | None) -> list[ScoredResponse]:
-        """Every answer of the conversation (and the reference) as responses to prompts under ``instructions``.
-
-        The model's own answers are its raw completions (the ``y`` it actually produced); the reference is
-        written the way the model writes: a bare value when the model's own completion had no field
-        markers and one output field suffices, else in the adapter's field format.
-        """
-        predictors = dict(self.program.named_predictors())
-        responses = []
-        last = session.turns[-1]
-        for turn in session.turns:
-            source = "current" if turn is last else "history"
-            for call in turn.calls:
-                signature = predictors[call.predictor].signature.with_instructions(instructions[call.predictor])
-                messages = self.adapter.format(signature, demos=predictors[call.predictor].demos, inputs=call.inputs)
-                own = call.completion
-                if own is None:
-                    own = self.adapter.format_assistant_message_content(signature, call.outputs)
-                responses.append(ScoredResponse(messages, own, float(turn.record.reward), source))
-                if reference and turn is last and set(reference) & set(signature.output_fields):
-                    outputs = {**call.outputs, **{k: v for k, v in reference.items() if k in signature.output_fields}}
-                    bare = len(signature.output_fields) == 1 and not field_header_pattern.search(own)
-                    completion = (str(next(iter(outputs.values()))) if bare
-                                  else self.adapter.format_assistant_message_content(signature, outputs))
-                    responses.append(ScoredResponse(messages, completion, 1.0, "reference"))
-        return responses
+        """The words and weights steps of a closed turn (see :mod:`rosa2_dspy.turn`)."""
+        adapt_turn(self, session, turn, reference, accepted)
 
     # ------------------------------------------------------------------ whole interactions
 
