@@ -1,8 +1,8 @@
 """Which DSPy adapter lets the embedded model answer: parse rate and first-turn accuracy, with the oracle row.
 
 On the shipped intent and math tasks, with each task's experiment settings (program and actor
-``max_tokens`` from ``programs/configs/default.json`` and ``math.json``; greedy), every example is
-answered once (a first turn, no feedback) under each adapter:
+``max_tokens`` from ``programs/configs/default.json``, ``math_smoke.json`` or ``math.json``; greedy), every
+example is answered once (a first turn, no feedback) under each adapter:
 
 * ``chat``: :class:`~rosa2_dspy.adapter.LenientChatAdapter` (DSPy's ``[[ ## field ## ]]`` format, lenient parse);
 * ``plain``: :class:`~rosa2_dspy.adapter.PlainChatAdapter` (instructions in the system turn, the question as
@@ -17,7 +17,7 @@ Per condition: the parse rate (:func:`~rosa2_dspy.adapter.answer_parsed`: an ans
 not an echo of the prompt) and the first-turn accuracy (the task's verifier), each with a 95% Wilson
 interval, and a paired sign test (exact binomial on the discordant examples) of plain vs chat.
 
-Run: ``python -m programs.bench_adapters [--tasks intent math] [--limit N] [--limits math=12] [--concurrency 8]``
+Run: ``python -m programs.bench_adapters [--tasks intent math_smoke] [--limit N] [--limits math_smoke=12] [--concurrency 8]``
 (on a machine shared with other torch jobs, ``OMP_NUM_THREADS=1``: oversubscribed threads slowed it ~10x).
 Writes ``results/bench_adapters.json`` (machine facts, config, date, every answer).
 """
@@ -35,20 +35,13 @@ import dspy
 
 from programs.experiment import PROGRAMS, load_config
 from programs.reporting import write_results
-from programs.tasks import load_task, signature_for
+from programs.tasks import MATH_FORM, load_task, oracle_text, signature_for, with_instruction_note
 from rosa2_dspy.adapter import answer_parsed
 from rosa2_dspy.feedback.intent import IntentVerifier
 from rosa2_dspy.feedback.math import MathVerifier
 from rosa2_dspy.local_lm import LocalLM, lm_scope, make_adapter
 
-CONFIGS = {"intent": "default", "math": "math"}
-MATH_FORM = ("Give the final answer as a number only, or as a LaTeX expression (like \\frac{a}{b}, a\\sqrt{b} "
-             "or a\\pi) when it is not a whole number.")
-
-
-def oracle_text(task: str, example: dspy.Example) -> str:
-    """The hidden intent, as a sentence to add to the instruction."""
-    return f"The user wants {example.intent}." if task == "intent" else MATH_FORM
+CONFIGS = {"intent": "default", "math_smoke": "math_smoke", "math": "math"}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -77,9 +70,7 @@ def answer_all(lm: dspy.BaseLM, task: str, program: str, examples: list[dspy.Exa
     def one(example: dspy.Example) -> dict[str, Any]:
         module = PROGRAMS[program](signature_for(task))
         if oracle:
-            for _, predictor in module.named_predictors():
-                instructions = f"{predictor.signature.instructions}\n{oracle_text(task, example)}"
-                predictor.signature = predictor.signature.with_instructions(instructions)
+            module = with_instruction_note(module, oracle_text(task, example))
         raw: list = []
         error, prediction = None, None
         with lm_scope(None, raw), dspy.context(lm=lm, adapter=adapter):
@@ -107,11 +98,11 @@ def answer_all(lm: dspy.BaseLM, task: str, program: str, examples: list[dspy.Exa
 def main(argv: list[str] | None = None) -> None:
     logging.getLogger("dspy").setLevel(logging.ERROR)  # DSPy's truncation warning: the budget is the config's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["intent", "math"], choices=sorted(CONFIGS))
+    parser.add_argument("--tasks", nargs="+", default=["intent", "math_smoke"], choices=sorted(CONFIGS))
     parser.add_argument("--adapters", nargs="+", default=["chat", "plain"], choices=["chat", "plain"])
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     parser.add_argument("--limits", nargs="*", default=[], metavar="TASK=N",
-                        help="examples for one task (spread over its levels), e.g. math=12; overrides --limit")
+                        help="examples for one task (spread over its levels), e.g. math_smoke=12; overrides --limit")
     parser.add_argument("--concurrency", type=int, default=8, help="answers in flight (batched by LocalLM)")
     parser.add_argument("--name", default="bench_adapters")
     args = parser.parse_args(argv)

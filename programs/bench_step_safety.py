@@ -1,6 +1,6 @@
 """Benchmark: when does a weights step wreck the model? Calibrates ``ROSAStep(max_kl=...)``.
 
-For each of a few arithmetic questions (``programs/data/math.jsonl``) the embedded model answers; a user
+For each of a few arithmetic questions (``programs/data/math_smoke.jsonl``) the embedded model answers; a user
 reveals the answer; one ROSA step (β = 0.05, the main job's setting, trust region opened wide) is
 computed from the model's answer (reward 0) and the revealed one (reward 1). The step's *direction* is
 then scaled to several lengths ‖Δθ‖, and for each length we measure
@@ -44,7 +44,7 @@ def chat(question: str) -> list[dict[str, str]]:
 
 
 def conversations(limit: int) -> dict:
-    config = experiment.load_config("math")
+    config = experiment.load_config("math_smoke")
     config.update({"name": "step_safety", "modes": ["joint"], "limit": limit,
                    "feedback": {"reveal": "answer", "reveal_after": 1}})
     runs = {}
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     start = time.perf_counter()
     policy = LoRAPolicy.from_pretrained("embedded")
-    examples = load_task("math", spread=True)
+    examples = load_task("math_smoke", spread=True)
     theta0 = policy.initial_adapter_vector
     step = ROSAStep(beta=0.05, max_norm=1e6, max_kl=None)
     rows = []

@@ -3,14 +3,13 @@
 For each mode (static, prompt-only, param-only, switch, joint) and each task example, ROSA2 runs one
 interaction from the original instruction and the initial adapter (a fresh session) until the
 feedback source says it is solved or ``max_turns`` is reached. Per mode it reports accuracy per turn,
-turns-to-solve, correction uplift, mean ``‖Δθ‖`` and seconds per phase; the joint mode also computes
-each weights step under the *original* words (not applied) for the Theorem 4.1 comparison
-``‖Δθ(x*)‖ < ‖Δθ(x)‖``. Results: a table on stdout, ``results/<name>.json`` (with every turn record)
+turns-to-solve, correction uplift, mean ``‖Δθ‖`` and seconds per phase. Results: a table on stdout, ``results/<name>.json`` (with every turn record)
 and ``results/<name>.png`` (accuracy over turns, like the paper's Figure 2a).
 
 Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by name, not code::
 
     {"name": "...", "task": "intent", "limit": 8, "spread": false, "program": "predict", "modes": [...],
+     "generator": {"split": "test", "seed": 0},
      "max_turns": 4, "concurrency": 8,
      "actor": {"model": "embedded", "device": "cpu", "dtype": "float32", "max_tokens": 64,
                "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
@@ -28,6 +27,11 @@ served one ``LenientChatAdapter``.
 (the Theorem 4.1 comparison): one more gradient pass per turn, as costly as the step's own (see
 ``programs.profile_turn``), timed apart (``compare_words``), not as adaptation; false skips it.
 
+``generator`` (generated tasks only, ``math``: see ``programs.mathgen``) picks the problems: ``split``
+``"test"`` (what the shipped configs report on) or ``"dev"`` (for tuning), and ``seed``; ``limit`` is
+their number. Examples that carry ``steps`` (the generated math problems) are also reported by step
+count: ``results["by_steps"][mode][steps]`` is the share solved by the last turn, with its interval.
+
 ``concurrency`` (default 8; ``--concurrency``) is how many conversations run at once: every (mode, task)
 interaction is a call of ``ROSA2.interact`` on a thread pool, the way a user serves many users from one
 instance, so a local actor batches them. Each interaction starts from θ0 and the original words in a
@@ -41,10 +45,30 @@ of batched float sums (see ``programs.bench_sessions``, which measures both).
 config's ``feedback.reveal``/``reveal_after`` is named by the protocol it amounts to. The protocol is in
 the results JSON and the table title; ``--protocol`` overrides the config's.
 
+**Oracle row.** With ``"oracle": true`` the run adds a row ``oracle``: per task, the first answer of the
+static program whose instruction has the hidden intent written in (``programs.tasks.oracle_text``), scored
+by the same simulated user: the ceiling the words step can reach with this model (acc@1 only, with its
+interval, and compared with static's first answer on the same tasks). What it misses is capability, not intent.
+
+**Generated tasks.** ``task: "intentgen"`` reads ``programs.intentgen`` (``split``: ``dev`` or ``test``,
+default ``test``; ``seed``; ``per_kind``): reported runs use ``test``, tuning uses ``dev``.
+
 **Statistics.** Each mode's acc@k, turns-to-solve, mean turns and correction uplift carry a seeded 95%
 bootstrap interval over tasks, and every pair of modes is compared on the same tasks (solved by the
 last turn: paired bootstrap interval of the difference and the exact McNemar p); see
 ``rosa2_dspy.stats``. Tables print ``value [low, high]``; the plot draws the intervals as error bars.
+
+**Theorem 4.1.** On every joint-mode turn (words and weights both move) the run measures the theorem
+as stated (``rosa2_dspy.theorem41``): the smallest parameter shift that raises ``log π(reference | context)``
+by ``δ`` nats (config ``theorem41_delta``, default 1), under the original words ``x`` and the refined words
+``x*``, at the adapter the step starts from. ``theorem_4_1`` in the JSON holds the distribution of
+``‖Δθ(x*)‖/‖Δθ(x)‖`` (quartiles), the share below 1 and the mean log-ratio with 95% intervals clustered by
+conversation, and the skipped turns by reason. ``"measure_theorem41": false`` switches it off (it costs
+one gradient pass over the reference under both contexts per adapted turn). ``step_norm_comparison``
+holds the older check under its own name: ROSA's *own* step computed under both contexts
+(``‖Δθ‖`` of the step under the original words, not applied), which reflects reward-driven targets, not
+the shift a fixed gain needs. Files written before the rename hold that older check under
+``theorem_4_1``; ``--reanalyse`` rewrites them with both keys.
 
 **Long runs.** Each finished conversation is appended (and flushed) to ``results/<name>.partial.jsonl``,
 whose first line holds the hash of the config and the tasks. A rerun with the same config reads the
@@ -72,11 +96,12 @@ from tqdm import tqdm
 
 from programs import reporting
 from programs.reporting import format_table, write_results
-from programs.tasks import feedback_for, load_task, signature_for
+from programs.tasks import feedback_for, load_task, oracle_text, signature_for, with_instruction_note
 from rosa2_dspy import MODES, ROSA2, LocalLM, LoRASettings, ROSAStep, summarize
 from rosa2_dspy.feedback.simulated_user import PROTOCOLS, protocol_of
 from rosa2_dspy.records import TurnRecord
-from rosa2_dspy.stats import METHOD, compare_modes, with_ci
+from rosa2_dspy.stats import METHOD, accuracy_by_group, compare_modes, with_ci
+from rosa2_dspy.theorem41 import DEFAULT_DELTA, summarize_shifts
 from rosa2_dspy.local_lm import make_adapter
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -111,8 +136,10 @@ def build_refiner(refiner: dict[str, Any], actor: dspy.BaseLM) -> dspy.BaseLM:
     return dspy.LM(name, max_tokens=refiner.get("max_tokens", 512), temperature=0.0)
 
 
-def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
-    """Pairs (‖Δθ‖ under refined words, under original words) of the same feedback, unclipped."""
+def step_norm_comparison(trajectories: list[list[Any]]) -> dict[str, Any]:
+    """ROSA's own step under the refined and under the original words, on the same feedback (unclipped
+    norms): pairs (``raw_delta_norm``, ``delta_norm_original_words``). Not Theorem 4.1's quantity (see
+    :func:`theorem_41`): ROSA's targets come from the rewards, not from a fixed gain."""
     pairs = [
         (r.weights["raw_delta_norm"], r.delta_norm_original_words)
         for t in trajectories for r in t
@@ -127,6 +154,12 @@ def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
         "share_refined_smaller": sum(1 for a, b in pairs if a < b) / len(pairs),
         "mean_ratio_refined_over_original": statistics.mean(a / b for a, b in pairs if b > 0),
     }
+
+
+def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
+    """Theorem 4.1 as stated: the distribution of ``‖Δθ(x*)‖/‖Δθ(x)‖``, the minimal shifts that raise
+    ``log π(reference | context)`` by the same δ (see :func:`rosa2_dspy.theorem41.summarize_shifts`)."""
+    return summarize_shifts(trajectories)
 
 
 def resolve_protocol(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -159,6 +192,17 @@ def mode_names(config: dict[str, Any]) -> list[str]:
     return modes
 
 
+ORACLE = "oracle"
+
+
+def task_examples(config: dict[str, Any]) -> list[dspy.Example]:
+    """The config's tasks: ``task``, ``limit``, ``spread``, and for generated tasks ``split``, ``seed``, ``per_kind``
+    (top-level keys or a ``generator`` block)."""
+    options = {**config.get("generator", {}), **{k: config[k] for k in ("split", "seed", "per_kind") if k in config}}
+    return load_task(config.get("task", "intent"), limit=config.get("limit"), spread=config.get("spread", False),
+                     **options)
+
+
 def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[str, ROSA2]:
     """One ROSA2 instance per mode, all on the same actor (so their model work shares batched passes)."""
     if not isinstance(actor, LocalLM):
@@ -166,22 +210,40 @@ def build_modes(config: dict[str, Any], actor: dspy.BaseLM, task: str) -> dict[s
     modes = mode_names(config)
     refiner_lm = build_refiner(config.get("refiner", {}), actor)
     feedback = feedback_for(task, **resolve_protocol(config)[1])
-    return {
-        mode: ROSA2(
-            PROGRAMS[config.get("program", "predict")](signature_for(task)),
-            actor,
-            feedback,
-            mode=mode,
-            refiner_lm=refiner_lm,
-            refiner_fallback=config.get("refiner", {}).get("fallback", "keep"),
-            weights=ROSAStep(**config.get("weights", {})),
-            adapter=make_adapter(adapter) if (adapter := config.get("actor", {}).get("adapter")) else None,
-            max_turns=config.get("max_turns", 4),
-            switch_patience=config.get("switch_patience", 1),
-            compare_words=mode == "joint" and config.get("compare_words", True),
-        )
-        for mode in modes
-    }
+    return {mode: build_rosa2(config, actor, task, mode, refiner_lm=refiner_lm, feedback=feedback) for mode in modes}
+
+
+def build_rosa2(config: dict[str, Any], actor: dspy.BaseLM, task: str, mode: str, program: dspy.Module | None = None,
+                refiner_lm: dspy.BaseLM | None = None, feedback: Any = None) -> ROSA2:
+    """The ROSA2 of one mode as the config sets it up (``program``, ``refiner_lm``, ``feedback``: the
+    config's unless given)."""
+    return ROSA2(
+        program or PROGRAMS[config.get("program", "predict")](signature_for(task)),
+        actor,
+        feedback or feedback_for(task, **resolve_protocol(config)[1]),
+        mode=mode,
+        refiner_lm=refiner_lm or build_refiner(config.get("refiner", {}), actor),
+        refiner_style=config.get("refiner", {}).get("style", "requirements"),
+        refiner_fallback=config.get("refiner", {}).get("fallback", "keep"),
+        weights=ROSAStep(**config.get("weights", {})),
+        adapter=make_adapter(adapter) if (adapter := config.get("actor", {}).get("adapter")) else None,
+        max_turns=config.get("max_turns", 4),
+        switch_patience=config.get("switch_patience", 1),
+        compare_words=mode == "joint" and config.get("compare_words", True),
+        measure_theorem41=config.get("measure_theorem41", True),
+        theorem41_delta=config.get("theorem41_delta", DEFAULT_DELTA),
+    )
+
+
+def oracle_answer(config: dict[str, Any], actor: dspy.BaseLM, task: str, example: dspy.Example) -> list[TurnRecord]:
+    """The oracle row's record of one task: the static program's first answer with the hidden intent written
+    into its instruction (:func:`programs.tasks.oracle_text`), scored by the config's simulated user."""
+    program = with_instruction_note(PROGRAMS[config.get("program", "predict")](signature_for(task)),
+                                    oracle_text(task, example))
+    module = build_rosa2(config, actor, task, "static", program=program)
+    result = module.interact(example, max_turns=1)
+    module.end_session(result.rosa2.session_id)
+    return result.rosa2.trajectory
 
 
 # ---------------------------------------------------------------------------------------------- long runs
@@ -205,15 +267,22 @@ def _as_json(trajectory: list[TurnRecord]) -> list[dict[str, Any]]:
     return json.loads(json.dumps([r.to_dict() for r in trajectory], default=str))
 
 
+def _trajectory(rows: list[dict[str, Any]]) -> list[TurnRecord]:
+    return [TurnRecord.from_dict(r) for r in rows]
+
+
 class ProgressFile:
     """``<name>.partial.jsonl``: a header line (config hash and config), then one line per finished
     conversation ``{"mode", "task", "question", "seconds", "trajectory"}``, each appended and flushed
-    as it finishes, so an interrupted run loses only the conversations in flight."""
+    as it finishes, so an interrupted run loses only the conversations in flight.
 
-    def __init__(self, path: Path, digest: str, config: dict[str, Any]) -> None:
-        self.path, self.digest, self.config = Path(path), digest, config
+    ``decode`` turns a line's ``trajectory`` back into the run's record (default: a list of
+    :class:`TurnRecord`; the carry-over protocol stores one user's whole protocol there)."""
 
-    def load(self, fresh: bool = False) -> dict[tuple[str, int], list[TurnRecord]]:
+    def __init__(self, path: Path, digest: str, config: dict[str, Any], decode: Any = _trajectory) -> None:
+        self.path, self.digest, self.config, self.decode = Path(path), digest, config, decode
+
+    def load(self, fresh: bool = False) -> dict[tuple[str, int], Any]:
         """The finished conversations of an earlier run of the same config (none if ``fresh`` or no file).
 
         Raises :class:`ConfigMismatchError` if the file belongs to another config. A last line cut short
@@ -235,10 +304,10 @@ class ProgressFile:
                 f"{self.path} holds conversations of a different configuration or task set (hash "
                 f"{header.get('config_hash')!r}, this run {self.digest!r}); they will not be mixed into this run. "
                 "Rerun with --fresh to discard them and start over, or give another --name.")
-        done: dict[tuple[str, int], list[TurnRecord]] = {}
+        done: dict[tuple[str, int], Any] = {}
         for line in lines[1:]:
             row = json.loads(line)
-            done[(row["mode"], int(row["task"]))] = [TurnRecord.from_dict(r) for r in row["trajectory"]]
+            done[(row["mode"], int(row["task"]))] = self.decode(row["trajectory"])
         return done
 
     def _start(self) -> None:
@@ -247,7 +316,7 @@ class ProgressFile:
                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.path.write_text(json.dumps(header, default=str) + "\n")
 
-    def append(self, mode: str, task: int, question: str, seconds: float, trajectory: list[dict[str, Any]]) -> None:
+    def append(self, mode: str, task: int, question: str, seconds: float, trajectory: Any) -> None:
         line = json.dumps({"mode": mode, "task": task, "question": question, "seconds": seconds,
                            "trajectory": trajectory}, default=str)
         with self.path.open("a", encoding="utf-8") as f:
@@ -266,7 +335,7 @@ def progress_path_for(name: str) -> Path:
 def run_experiment(config: dict[str, Any], progress: bool = True, progress_path: str | Path | None = None,
                    fresh: bool = False) -> dict[str, Any]:
     """Run every configured mode; returns {"config", "protocol", "summaries", "comparisons", "theorem_4_1",
-    "trajectories", "wall_seconds", "resumed", ...}.
+    "step_norm_comparison", "trajectories", "wall_seconds", "resumed", ...}.
 
     The actor is built from ``config["actor"]`` for each run, so a results file always describes the
     model settings (``max_tokens``, LoRA shape) its answers were produced with. With ``progress_path``
@@ -276,9 +345,10 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
     task = config.get("task", "intent")
     protocol, _ = resolve_protocol(config)
     config = {**config, "protocol": protocol}
-    examples = load_task(task, limit=config.get("limit"), spread=config.get("spread", False))
+    examples = task_examples(config)
     modes = mode_names(config)
-    jobs = [(mode, i) for mode in modes for i in range(len(examples))]
+    rows = modes + ([ORACLE] if config.get("oracle") else [])
+    jobs = [(mode, i) for mode in rows for i in range(len(examples))]
     store = ProgressFile(Path(progress_path), config_hash(config, examples), config) if progress_path else None
     done = store.load(fresh) if store else {}
     wanted = set(jobs)
@@ -293,26 +363,30 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
         def converse(job: tuple[str, int]) -> tuple[list[TurnRecord], float]:
             mode, i = job
             began = time.perf_counter()
+            if mode == ORACLE:
+                return oracle_answer(config, actor, task, examples[i]), time.perf_counter() - began
             result = modules[mode].interact(examples[i])
             modules[mode].end_session(result.rosa2.session_id)  # every interaction starts from θ0 and the original words
             return result.rosa2.trajectory, time.perf_counter() - began
 
         _run_jobs(todo, converse, records, store, examples, int(config.get("concurrency", 8)), len(jobs), progress)
     wall = time.perf_counter() - start
-    trajectories = {mode: [records[(mode, i)] for i in range(len(examples))] for mode in modes}
-    results = analyse(config, trajectories)
+    trajectories = {mode: [records[(mode, i)] for i in range(len(examples))] for mode in rows}
+    steps = [e.get("steps") for e in examples]
+    results = analyse(config, trajectories, steps if all(s is not None for s in steps) else None)
     results.update(wall_seconds=wall, resumed=len(jobs) - len(todo))
     return results
 
 
-def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[str, int], list[TurnRecord]],
+def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[str, int], Any],
               store: ProgressFile | None, examples: list[dspy.Example], concurrency: int, total: int,
-              progress: bool) -> None:
+              progress: bool, encode: Any = _as_json, decode: Any = _trajectory) -> None:
     """Run the conversations on a thread pool, recording (and appending) each as it finishes.
 
     If one fails, no new conversation starts; those in flight finish and are kept, then the first error
-    is raised (a rerun resumes from what was kept). Every trajectory goes through its JSON form, so
-    records read back from the progress file and records of this run are alike to the bit."""
+    is raised (a rerun resumes from what was kept). Every record goes through its JSON form (``encode``,
+    then ``decode``: a trajectory by default), so records read back from the progress file and records of
+    this run are alike to the bit."""
     error: BaseException | None = None
     pool = ThreadPoolExecutor(max(1, concurrency))
     try:
@@ -329,8 +403,8 @@ def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[st
                         for other in futures:
                             other.cancel()
                     continue
-                as_json = _as_json(trajectory)
-                records[(mode, i)] = [TurnRecord.from_dict(r) for r in as_json]
+                as_json = encode(trajectory)
+                records[(mode, i)] = decode(as_json)
                 if store:
                     store.append(mode, i, str(examples[i].get("question", ""))[:200], seconds, as_json)
                 bar.update()
@@ -342,16 +416,31 @@ def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[st
         raise error
 
 
-def analyse(config: dict[str, Any], trajectories: dict[str, list[list[TurnRecord]]]) -> dict[str, Any]:
-    """Summaries (with intervals), paired comparisons and the Theorem 4.1 check of a run's trajectories."""
+def analyse(config: dict[str, Any], trajectories: dict[str, list[list[TurnRecord]]],
+            task_steps: list[int] | None = None) -> dict[str, Any]:
+    """Summaries (with intervals), paired comparisons, Theorem 4.1's minimal shifts and the step-norm
+    comparison (both from the joint mode) of a run's trajectories; with ``task_steps`` (one per task)
+    also each mode's accuracy by the last turn per step count.
+
+    The ``oracle`` row (if run) is summarised over its one turn and compared with each mode's first
+    answer on the same tasks (``oracle_comparisons``), not among the modes' last-turn comparisons."""
     max_turns = config.get("max_turns", 4)
     protocol = config.get("protocol") or resolve_protocol(config)[0]
-    summaries = {mode: summarize(runs, max_turns) for mode, runs in trajectories.items()}
-    comparisons = compare_modes({mode: s["solved_at"] for mode, s in summaries.items()}, max_turns)
+    summaries = {mode: summarize(runs, 1 if mode == ORACLE else max_turns) for mode, runs in trajectories.items()}
+    modes = {mode: s["solved_at"] for mode, s in summaries.items() if mode != ORACLE}
+    comparisons = compare_modes(modes, max_turns)
+    oracle_comparisons = ([row for mode, solved in modes.items()
+                           for row in compare_modes({ORACLE: summaries[ORACLE]["solved_at"], mode: solved}, 1)]
+                          if ORACLE in summaries else [])
+    by_steps = ({mode: accuracy_by_group(summaries[mode]["solved_at"], task_steps, max_turns) for mode in modes}
+                if task_steps else None)
     return {
         "config": config, "protocol": protocol, "protocol_label": PROTOCOLS[protocol],
         "statistics": METHOD, "summaries": summaries, "comparisons": comparisons,
+        "oracle_comparisons": oracle_comparisons,
         "theorem_4_1": theorem_41(trajectories["joint"]) if "joint" in trajectories else {},
+        "step_norm_comparison": step_norm_comparison(trajectories["joint"]) if "joint" in trajectories else {},
+        **({"task_steps": task_steps, "by_steps": by_steps} if task_steps else {}),
         "trajectories": {mode: [[r.to_dict() for r in t] for t in runs] for mode, runs in trajectories.items()},
     }
 
@@ -365,6 +454,9 @@ def table_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         cis = s.get("accuracy_per_turn_ci") or [None] * len(s["accuracy_per_turn"])
         row: dict[str, Any] = {"mode": mode}
         row.update({f"acc@{k + 1}": with_ci(a, ci) for k, (a, ci) in enumerate(zip(s["accuracy_per_turn"], cis))})
+        if mode == ORACLE:  # one answer per task: acc@1 is all it has
+            rows.append(row)
+            continue
         row.update({
             "turns-to-solve": with_ci(s["turns_to_solve"], s.get("turns_to_solve_ci")),
             "mean turns": with_ci(s["mean_turns"], s.get("mean_turns_ci")),
@@ -387,6 +479,29 @@ def comparison_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     } for c in comparisons]
 
 
+def theorem_rows(theorem: dict[str, Any]) -> list[dict[str, Any]]:
+    """Theorem 4.1's summary as one table row: turns measured and skipped, the ratio's quartiles, the share
+    below 1 and the mean log-ratio with their intervals."""
+    q = theorem.get("ratio_quantiles") or {}
+    skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(theorem.get("skipped", {}).items())) or "0"
+    return [{
+        "turns (conversations)": f"{theorem['measured']} ({theorem['conversations']})",
+        "skipped": skipped,
+        "‖Δθ(x*)‖/‖Δθ(x)‖ q1 / median / q3": " / ".join(f"{q[k]:.3g}" for k in ("q1", "median", "q3")) if q else "–",
+        "share < 1 [95% CI]": with_ci(theorem.get("share_below_1"), theorem.get("share_below_1_ci")),
+        "mean log-ratio [95% CI]": with_ci(theorem.get("mean_log_ratio"), theorem.get("mean_log_ratio_ci"), 3),
+        "same level: share < 1 [95% CI]": with_ci((theorem.get("same_level") or {}).get("share_below_1"),
+                                                  (theorem.get("same_level") or {}).get("share_below_1_ci")),
+        "reference": ", ".join(f"{k}: {v}" for k, v in sorted((theorem.get("reference_sources") or {}).items())) or "–",
+    }]
+
+
+def steps_rows(by_steps: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per mode: the share solved by the last turn for each step count, ``value [95% CI] (n)``."""
+    return [{"mode": mode, **{f"{steps} steps": f"{with_ci(g['accuracy'], g['accuracy_ci'])} (n={g['tasks']})"
+                              for steps, g in groups.items()}} for mode, groups in by_steps.items()]
+
+
 def title_for(results: dict[str, Any]) -> str:
     """The table/plot title: task, actor and the feedback protocol (``answer`` reads "learning a revealed answer")."""
     config = results["config"]
@@ -403,6 +518,12 @@ def plot_accuracy(summaries: dict[str, dict[str, Any]], path: Path, title: str) 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    oracle = summaries.get(ORACLE)
+    summaries = {mode: s for mode, s in summaries.items() if mode != ORACLE}
+    if oracle:  # the ceiling of the words step: first answers with the hidden intent in the instruction
+        ax.axhline(oracle["accuracy_per_turn"][0], color="grey", linestyle="--", label="oracle (acc@1)")
+        if oracle["accuracy_per_turn_ci"] and oracle["accuracy_per_turn_ci"][0]:
+            ax.axhspan(*oracle["accuracy_per_turn_ci"][0], color="grey", alpha=0.12)
     width = 0.06 * max(len(summaries) - 1, 0)
     for j, (mode, s) in enumerate(summaries.items()):
         accuracy = s["accuracy_per_turn"]
@@ -441,12 +562,23 @@ def report(results: dict[str, Any], name: str, machine: dict[str, Any] | None = 
         turn = results["comparisons"][0]["turn"]
         print(f"\nPaired comparisons on the same tasks, solved by turn {turn} ({results.get('statistics', METHOD)}):")
         print(format_table(comparison_rows(results["comparisons"])))
+    if results.get("by_steps"):
+        print(f"\nSolved by turn {results['config'].get('max_turns', 4)}, by the problem's number of steps:")
+        print(format_table(steps_rows(results["by_steps"])))
+    if results.get("oracle_comparisons"):
+        print("\nOracle instruction vs each mode's first answer on the same tasks (acc@1):")
+        print(format_table(comparison_rows(results["oracle_comparisons"])))
     plot = plot_accuracy(results["summaries"], json_path.with_suffix(".png"), title)
-    theorem = results["theorem_4_1"]
-    if theorem.get("pairs"):
-        print(f"\nTheorem 4.1 (joint mode, {theorem['pairs']} steps): mean ‖Δθ(x*)‖ = {theorem['mean_refined']:.4g}"
-              f" vs ‖Δθ(x)‖ = {theorem['mean_original']:.4g}; refined smaller in "
-              f"{100 * theorem['share_refined_smaller']:.0f}% of steps")
+    theorem = results.get("theorem_4_1") or {}
+    if theorem.get("measured") or theorem.get("skipped"):
+        print(f"\nTheorem 4.1 (joint mode): the smallest shift raising log π(reference | context) by δ = "
+              f"{theorem.get('delta', '–')} nats, refined words x* vs original x ({theorem['ci_method']}):")
+        print(format_table(theorem_rows(theorem)))
+    step_norms = results.get("step_norm_comparison") or {}
+    if step_norms.get("pairs"):
+        print(f"\nStep-norm comparison (joint mode, ROSA's own step under both contexts, {step_norms['pairs']} steps; "
+              f"not Theorem 4.1's quantity): mean ‖Δθ‖ under x* = {step_norms['mean_refined']:.4g} vs under x = "
+              f"{step_norms['mean_original']:.4g}; smaller under x* in {100 * step_norms['share_refined_smaller']:.0f}% of steps")
     print(f"wrote {plot}")
     return {"json": json_path, "plot": plot}
 
@@ -457,7 +589,7 @@ def reanalyse(path: str | Path, name: str | None = None) -> dict[str, Path]:
     old = json.loads(Path(path).read_text())
     trajectories = {mode: [[TurnRecord.from_dict(r) for r in t] for t in runs]
                     for mode, runs in old["trajectories"].items()}
-    results = analyse(old["config"], trajectories)
+    results = analyse(old["config"], trajectories, old.get("task_steps"))
     results.update({k: old[k] for k in ("wall_seconds", "resumed") if k in old})
     return report(results, name or Path(path).stem, machine=old.get("machine"))
 

@@ -202,20 +202,32 @@ def main(argv: list[str] | None = None, read: Callable[[str], str] = input,
     parser.add_argument("--signature", default="question -> answer")
     parser.add_argument("--refiner-lm", default=None,
                         help="litellm model string for the words step (default: the local actor)")
+    parser.add_argument("--refiner-style", default="requirements", choices=("requirements", "rewrite"),
+                        help="the words step: list the missing requirements and merge them (default), or "
+                             "rewrite the whole instruction (for strong refiners)")
+    parser.add_argument("--refiner-api-base", default=None,
+                        help="address of an OpenAI-compatible server for --refiner-lm 'openai/<model>' "
+                             "(a vLLM or llama.cpp server: http://127.0.0.1:8000/v1)")
+    parser.add_argument("--refiner-api-key", default=None,
+                        help="the refiner's API key (default: the provider's variable, e.g. OPENAI_API_KEY); "
+                             "a local server that checks none takes any, e.g. 'local'")
     parser.add_argument("--refiner-fallback", default=None, choices=("keep", "append"),
                         help="what an unusable rewrite becomes (default: 'append' with the local refiner, "
                              "whose rewrites are rarely usable; 'keep' with --refiner-lm)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--no-stream", action="store_true", help="print each answer whole, not as it is generated")
     args = parser.parse_args(argv)
+    if (args.refiner_api_base or args.refiner_api_key) and not args.refiner_lm:
+        parser.error("--refiner-api-base and --refiner-api-key need --refiner-lm (e.g. --refiner-lm openai/MODEL).")
 
     from rosa2_dspy.local_lm import LocalLM
 
     actor = LocalLM(args.model, device=args.device, dtype=args.dtype, max_tokens=args.max_tokens)
-    refiner = dspy.LM(args.refiner_lm) if args.refiner_lm else None
+    client = {k: v for k, v in (("api_base", args.refiner_api_base), ("api_key", args.refiner_api_key)) if v}
+    refiner = dspy.LM(args.refiner_lm, **client) if args.refiner_lm else None
     fallback = args.refiner_fallback or ("keep" if refiner else "append")
     rosa2 = ROSA2(PROGRAMS[args.program](args.signature), actor, mode=args.mode, refiner_lm=refiner,
-                  refiner_fallback=fallback)
+                  refiner_style=args.refiner_style, refiner_fallback=fallback)
     try:
         if write_token is None and write is print:
             write_token = _print_token

@@ -30,7 +30,8 @@ class TurnRecord:
     words: dict[str, dict[str, Any]] = field(default_factory=dict)  # predictor -> accepted/reason/diagnosis
     weights: dict[str, Any] | None = None  # WeightStep.summary()
     delta_norm: float = 0.0
-    delta_norm_original_words: float | None = None  # Theorem 4.1: the same step under the old words
+    delta_norm_original_words: float | None = None  # step-norm comparison: ROSA's step under the old words
+    theorem41: dict[str, Any] | None = None  # Theorem 4.1's minimal shifts (rosa2_dspy.theorem41.measure)
     times: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "completion": 0})
 
@@ -98,6 +99,47 @@ def _first_solved(trajectory: Sequence[TurnRecord]) -> int | None:
     return next((r.turn for r in trajectory if r.solved), None)
 
 
+def words_summary(trajectories: Sequence[Sequence[TurnRecord]]) -> dict[str, Any]:
+    """What the words steps did (issue: "measure it"): over every predictor's words step, the share whose
+    refiner output changed the instruction (``used``: source ``lm``), that fell back to appending the
+    feedback (``appended``) or kept the instruction (``kept``), the reasons the refiner's output was not
+    used (counts), requirements rejected by reason, and the instruction's length (characters, all
+    predictors) at the start of each turn, averaged over interactions that reached that turn."""
+    steps = [w for t in trajectories for r in t for w in r.words.values()]
+    n = len(steps)
+    reasons: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    for w in steps:
+        if w.get("source") != "lm" and w.get("reason"):
+            key = w["reason"].split(":")[0] if w["reason"].startswith("refiner error") else w["reason"]
+            reasons[key] = reasons.get(key, 0) + 1
+        for _, why in w.get("rejected") or []:
+            rejected[why] = rejected.get(why, 0) + 1
+    lengths: dict[int, list[int]] = {}
+    for t in trajectories:
+        for r in t:
+            lengths.setdefault(r.turn, []).append(sum(len(v) for v in r.instructions.values()))
+    return {
+        "steps": n,
+        "used": sum(w.get("source") == "lm" for w in steps) / n if n else None,
+        "appended": sum(w.get("source") == "append" for w in steps) / n if n else None,
+        "kept": sum(w.get("source") == "kept" for w in steps) / n if n else None,
+        "not_used_reasons": reasons,
+        "rejected_requirements": rejected,
+        "instruction_chars_per_turn": [statistics.mean(lengths[k]) for k in sorted(lengths)],
+    }
+
+
+def parse_rate(trajectories: Sequence[Sequence[TurnRecord]]) -> float | None:
+    """Share of turns whose every output field (but ChainOfThought's ``reasoning``) was found (:func:`~rosa2_dspy.adapter.answer_parsed`: non-empty,
+    not DSPy's field markers; an echo of the question is not checked here, the records do not keep it)."""
+    from rosa2_dspy.adapter import answer_parsed
+
+    turns = [r for t in trajectories for r in t]
+    found = [all(answer_parsed(v, {}) for k, v in r.outputs.items() if k != "reasoning") for r in turns]
+    return sum(found) / len(found) if found else None
+
+
 def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> dict[str, Any]:
     """Aggregate interactions (one trajectory per task) into the spec's metrics.
 
@@ -107,6 +149,7 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
     * ``correction_uplift``: share of first-turn failures solved later;
     * mean ``‖Δθ‖`` over turns with an applied weights step, and mean seconds per phase per turn;
     * ``degenerate_final``: share of interactions whose last answer is :func:`degenerate`;
+    * ``parse_rate`` (:func:`parse_rate`) and ``words`` (:func:`words_summary`);
     * ``solved_at``: per task, the turn it was first solved at (None: never), for paired comparisons
       (:func:`rosa2_dspy.stats.compare_modes`);
     * 95% bootstrap intervals over tasks (:mod:`rosa2_dspy.stats`, seeded): ``accuracy_per_turn_ci``
@@ -139,6 +182,8 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
         "solved_at": solved_at,
         "mean_delta_norm": statistics.mean(norms) if norms else 0.0,
         "seconds_per_turn": {p: statistics.mean(r.times[p] for r in turns) if turns else 0.0 for p in PHASES},
+        "parse_rate": parse_rate(trajectories),
+        "words": words_summary(trajectories),
         "degenerate_final": sum(1 for t in trajectories if t and _degenerate_answer(t[-1])) / n if n else 0.0,
         "tokens_per_task": statistics.mean(sum(r.tokens["prompt"] + r.tokens["completion"] for r in t)
                                            for t in trajectories) if n else 0.0,

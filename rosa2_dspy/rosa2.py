@@ -37,25 +37,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import dspy
 import torch
-from dspy.adapters.chat_adapter import field_header_pattern
 
-from rosa2_dspy import persistence
+from rosa2_dspy import persistence, theorem41
 from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
 from rosa2_dspy.attribution import CallRecorder, extend_parent_trace, tag_predictors
 from rosa2_dspy.errors import FeedbackError, TurnFailedError
 from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback, metric_caller
 from rosa2_dspy.local_lm import LocalLM, lm_scope
 from rosa2_dspy.streaming import listening_to_copies
+from rosa2_dspy.turn import adapt_turn
 from rosa2_dspy.policy import LoRAPolicy
 from rosa2_dspy.records import InteractionPrediction, InteractionResult, TurnRecord
 from rosa2_dspy.sessions import Session, SessionStore, Turn
-from rosa2_dspy.weights import ROSAStep, ScoredResponse, WeightOptimizer
+from rosa2_dspy.weights import ROSAStep, WeightOptimizer
 from rosa2_dspy.words import InstructionRefiner
 
 MODES = ("static", "prompt-only", "param-only", "switch", "joint")
@@ -88,8 +89,11 @@ class ROSA2(dspy.Module):
             only if its signature names it (see ``rosa2_dspy.feedback``).
         mode: one of ``static``, ``prompt-only``, ``param-only``, ``switch``, ``joint`` (ROSA2).
         refiner_lm: the words step's LM (e.g. ``dspy.LM("openai/gpt-4o-mini")``); default: the actor.
-        refiner_fallback: when the refiner's rewrite is unusable, ``"keep"`` the instruction (default) or
-            ``"append"`` the feedback to it (see :class:`~rosa2_dspy.words.InstructionRefiner`).
+        refiner_style: ``"requirements"`` (default: the refiner lists the missing requirements, which are
+            merged into the instruction) or ``"rewrite"`` (it rewrites the whole instruction; for strong
+            refiners). See :class:`~rosa2_dspy.words.InstructionRefiner`.
+        refiner_fallback: when the refiner's output is unusable, ``"keep"`` the instruction (default) or
+            ``"append"`` the feedback to it as a requirement.
         weights: the weights step; default :class:`ROSAStep`.
         adapter: DSPy adapter for the actor (and the refiner); default: a :class:`LocalLM` actor's
             ``default_adapter`` (``LocalLM(adapter=...)``), else :class:`LenientChatAdapter`.
@@ -97,8 +101,15 @@ class ROSA2(dspy.Module):
         threshold: score at which a task counts as solved, when the source does not say.
         switch_patience: ``switch`` mode moves to the other axis after this many turns without a better reward.
         compare_words: also compute the weights step under the *original* words (not applied) and record
-            its ``‖Δθ‖`` — the Theorem 4.1 comparison; costs one extra gradient pass, timed apart
-            (``times["compare_words"]``), not as adaptation.
+            its ``‖Δθ‖`` (``delta_norm_original_words``): the *step-norm comparison*, ROSA's own step under both
+            contexts (not Theorem 4.1's quantity; see ``measure_theorem41``); costs one extra gradient pass,
+            timed apart (``times["compare_words"]``), not as adaptation.
+        measure_theorem41: on every turn whose words and weights both move, measure Theorem 4.1 as stated:
+            the smallest parameter shift raising ``log π(reference | context)`` by ``theorem41_delta`` nats,
+            under the original and the refined words, at the adapter the step starts from; recorded as
+            ``TurnRecord.theorem41`` (see ``rosa2_dspy.theorem41``). Costs one batched gradient pass over the
+            reference under both contexts per such turn, timed apart (``times["theorem41"]``). Off by default.
+        theorem41_delta: the gain ``δ`` in nats (the ratio of the two shifts does not depend on it).
         expose_refiner: show the refiner's predictor to a parent's ``named_predictors()`` (so a parent's
             optimizer tunes and saves it). Off by default: like ``dspy.Refine``'s reward function, the
             refiner is ROSA2's machinery, not part of the program.
@@ -125,6 +136,7 @@ class ROSA2(dspy.Module):
         *,
         mode: str = "joint",
         refiner_lm: dspy.BaseLM | None = None,
+        refiner_style: str = "requirements",
         refiner_fallback: str = "keep",
         weights: WeightOptimizer | None = None,
         adapter: dspy.Adapter | None = None,
@@ -132,6 +144,8 @@ class ROSA2(dspy.Module):
         threshold: float = 1.0,
         switch_patience: int = 1,
         compare_words: bool = False,
+        measure_theorem41: bool = False,
+        theorem41_delta: float = theorem41.DEFAULT_DELTA,
         expose_refiner: bool = False,
     ) -> None:
         super().__init__()
@@ -145,7 +159,7 @@ class ROSA2(dspy.Module):
         self.lm = lm
         self.feedback_fn = feedback  # an unsupported shape fails here, not after the first turn
         self.mode = mode
-        self.refiner = InstructionRefiner(lm=refiner_lm or lm, fallback=refiner_fallback)
+        self.refiner = InstructionRefiner(lm=refiner_lm or lm, style=refiner_style, fallback=refiner_fallback)
         # DSPy's way to keep a sub-module away from optimizers: a compiled (frozen) module is left out of
         # a parent's named_parameters()/named_predictors(), and so from its optimizers and saves.
         self.refiner._compiled = not expose_refiner
@@ -156,6 +170,9 @@ class ROSA2(dspy.Module):
         self.threshold = threshold
         self.switch_patience = switch_patience
         self.compare_words = compare_words
+        if not (math.isfinite(theorem41_delta) and theorem41_delta > 0):
+            raise ValueError(f"theorem41_delta must be a finite number > 0 (nats to gain), got {theorem41_delta!r}.")
+        self.measure_theorem41, self.theorem41_delta = measure_theorem41, theorem41_delta
         self.store = SessionStore(self._fresh_state)
         self.adaptation = persistence.AdaptationState(self)  # the sessions, as a DSPy parameter (save/load)
 
@@ -358,7 +375,8 @@ class ROSA2(dspy.Module):
             verdict = feedback if isinstance(feedback, Feedback) else as_feedback(feedback, self.threshold)
             return self._close_turn(session, verdict, adapt=True).record
 
-    def _close_turn(self, session: Session, verdict: Feedback, adapt: bool) -> Turn:
+    def _close_turn(self, session: Session, verdict: Feedback, adapt: bool,
+                    accepted: tuple[dict[str, Any] | None, str | None] = (None, None)) -> Turn:
         """Record the verdict on the pending turn and (unless solved, or ``adapt`` is False) run the words and
         weights steps — all or nothing: if a step fails, the session is exactly as before (the turn pending
         again) and :class:`TurnFailedError` says so; calling ``adapt`` again retries."""
@@ -368,7 +386,7 @@ class ROSA2(dspy.Module):
         if verdict.solved or not adapt:
             return turn
         try:
-            self._adapt(session, turn, verdict.reference)
+            self._adapt(session, turn, verdict.reference, accepted)
         except Exception as err:
             (session.pending, session.turns, session.instructions, session.adapter, session.axis, session.stall,
              session.best_reward, record_state) = saved
@@ -387,89 +405,10 @@ class ROSA2(dspy.Module):
         session.turns.append(turn)
         return turn
 
-    def _axes(self, session: Session, reward: float) -> tuple[bool, bool]:
-        if self.mode == "switch":
-            if reward <= session.best_reward:
-                session.stall += 1
-                if session.stall >= self.switch_patience:
-                    session.axis = "weights" if session.axis == "words" else "words"
-                    session.stall = 0
-            else:
-                session.stall = 0
-            session.best_reward = max(session.best_reward, reward)
-            return session.axis == "words", session.axis == "weights"
-        return self.mode in {"prompt-only", "joint"}, self.mode in {"param-only", "joint"}
-
-    def _adapt(self, session: Session, turn: Turn, reference: dict[str, Any] | None) -> None:
-        record = turn.record
-        move_words, move_weights = self._axes(session, record.reward)
-        refined = dict(session.instructions)
-        if move_words:
-            start = time.perf_counter()
-            if not record.feedback:
-                record.words = {n: {"accepted": False, "reason": "no feedback text"} for n in refined}
-            else:
-                for name in refined:
-                    # The refiner runs under the model's own adapter, not the conversation's.
-                    with lm_scope(), dspy.context(adapter=self.adapter):
-                        out = self.refiner(instruction=refined[name], feedback=record.feedback,
-                                           history=self._history_text(session, name))
-                    refined[name] = out.refined_instruction
-                    record.words[name] = {"accepted": out.accepted, "reason": out.reason, "source": out.source,
-                                          "diagnosis": out.diagnosis}
-            record.refined_instructions = dict(refined)
-            record.times["words"] = time.perf_counter() - start
-        if move_weights:
-            policy = self.policy
-            if self.compare_words and refined != session.instructions:
-                start = time.perf_counter()
-                dry = self.weights.step(policy, self._responses(session, session.instructions, reference),
-                                        apply=False, adapter=session.adapter)
-                record.delta_norm_original_words = dry.raw_delta_norm
-                record.times["compare_words"] = time.perf_counter() - start
-            start = time.perf_counter()
-            step = self.weights.step(policy, self._responses(session, refined, reference), adapter=session.adapter)
-            if step.applied:
-                session.adapter = step.adapter
-            record.weights = step.summary()
-            record.delta_norm = step.delta_norm if step.applied else 0.0
-            record.times["weights"] = time.perf_counter() - start
-        session.instructions = refined
-
-    def _history_text(self, session: Session, predictor: str) -> str:
-        lines = []
-        for t in session.turns:
-            outputs = "; ".join(f"{k}: {v}" for c in t.calls if c.predictor == predictor for k, v in c.outputs.items())
-            lines.append(f"Turn {t.record.turn} (reward {t.record.reward}): answer: {outputs} | feedback: {t.record.feedback}")
-        return "\n".join(lines)
-
-    def _responses(self, session: Session, instructions: dict[str, str],
-                   reference: dict[str, Any] | None) -> list[ScoredResponse]:
-        """Every answer of the conversation (and the reference) as responses to prompts under ``instructions``.
-
-        The model's own answers are its raw completions (the ``y`` it actually produced); the reference is
-        written the way the model writes: a bare value when the model's own completion had no field
-        markers and one output field suffices, else in the adapter's field format.
-        """
-        predictors = dict(self.program.named_predictors())
-        responses = []
-        last = session.turns[-1]
-        for turn in session.turns:
-            source = "current" if turn is last else "history"
-            for call in turn.calls:
-                signature = predictors[call.predictor].signature.with_instructions(instructions[call.predictor])
-                messages = self.adapter.format(signature, demos=predictors[call.predictor].demos, inputs=call.inputs)
-                own = call.completion
-                if own is None:
-                    own = self.adapter.format_assistant_message_content(signature, call.outputs)
-                responses.append(ScoredResponse(messages, own, float(turn.record.reward), source))
-                if reference and turn is last and set(reference) & set(signature.output_fields):
-                    outputs = {**call.outputs, **{k: v for k, v in reference.items() if k in signature.output_fields}}
-                    bare = len(signature.output_fields) == 1 and not field_header_pattern.search(own)
-                    completion = (str(next(iter(outputs.values()))) if bare
-                                  else self.adapter.format_assistant_message_content(signature, outputs))
-                    responses.append(ScoredResponse(messages, completion, 1.0, "reference"))
-        return responses
+    def _adapt(self, session: Session, turn: Turn, reference: dict[str, Any] | None,
+               accepted: tuple[dict[str, Any] | None, str | None] = (None, None)) -> None:
+        """The words and weights steps of a closed turn (see :mod:`rosa2_dspy.turn`)."""
+        adapt_turn(self, session, turn, reference, accepted)
 
     # ------------------------------------------------------------------ whole interactions
 
@@ -492,6 +431,8 @@ class ROSA2(dspy.Module):
         session_id = self.store.start(session_id, carry_over_from=carry_over_from)
         self.store.default_id = session_id
         inputs = example.inputs()
+        # The task's accepted answer, for the Theorem 4.1 measurement only (never given to the weights step).
+        accepted = theorem41.accepted_answer(self.feedback_fn, example) if self.measure_theorem41 else (None, None)
         prediction = None
         with self.store.use(session_id) as session:
             for turn in range(max_turns):
@@ -504,7 +445,7 @@ class ROSA2(dspy.Module):
                                             threshold=self.threshold)
                     pending.record.times["feedback"] = time.perf_counter() - start
                     # after the last turn no answer would use an adaptation
-                    self._close_turn(session, verdict, adapt=turn < max_turns - 1)
+                    self._close_turn(session, verdict, adapt=turn < max_turns - 1, accepted=accepted)
                     if verdict.solved:
                         break
             trajectory = session.history

@@ -1,25 +1,48 @@
-"""The words step: a textual-gradient rewrite of the instruction a program runs with (spec step 3).
+"""The words step: a textual gradient on the instruction a program runs with (spec step 3).
 
-:class:`RefineInstruction` is the DSPy signature ``feedback, history -> refined_instruction``; it also
-takes the current ``instruction`` (a rewrite needs its source) and first writes a ``diagnosis`` — the
-"gradient": what the user means that the instruction misses — before the rewritten instruction.
-:class:`InstructionRefiner` runs it with its own LM (``dspy.context``), so the refiner can be a strong
-remote litellm model while the actor stays local, and it refuses unusable output: an empty, overlong,
-format-leaking, non-prose, self-repeating or conversation-echoing rewrite, or an LM error, keeps the
-previous instruction and records why.
+:class:`InstructionRefiner` is the module ``feedback, history -> refined_instruction``. It runs with its
+own LM (``dspy.context``), so the refiner can be a strong remote litellm model while the actor stays
+local, in one of two styles:
 
-A very small refiner (the embedded 135M model) rarely writes a usable instruction. For such set-ups
-``fallback="append"`` turns a rejected rewrite into the simplest textual step there is: the feedback
-itself is appended to the instruction as a requirement. The record says which of the two happened.
+* ``"requirements"`` (default), a **structured gradient**: :class:`MissingRequirements` asks for the
+  requirements the instruction misses as a ``list[str]``, and :mod:`rosa2_dspy.requirements` merges them
+  into the instruction's ``Requirements:`` block (new ones added, ones on the same topic replaced,
+  duplicates dropped), so the instruction stays short and current. The refiner sees the feedback without
+  quotes of the model's answers and without a revealed answer, and a requirement that states an answer or
+  copies a question's number is refused: the words carry the user's intent, never one question's answer
+  (a revealed answer goes to the weights step as a reference for its own question). The predictor comes
+  with hand-written demos (``rosa2_dspy/data/refiner_demos.json``, attached with DSPy's ``LabeledFewShot``);
+  each call shows the ``num_demos`` most similar to the feedback, most similar last, which is what lets a
+  135M refiner write usable requirements.
+* ``"rewrite"``: :class:`RefineInstruction` writes a ``diagnosis`` and the whole ``refined_instruction``,
+  for strong refiners; an empty, overlong, format-leaking, non-prose, self-repeating or
+  conversation-echoing rewrite is refused.
+
+An LM error or unusable output keeps the instruction (``fallback="keep"``) or, with ``fallback="append"``,
+merges the cleaned feedback itself as a requirement. Every call says what happened (``source``: ``lm``,
+``append`` or ``kept``; ``reason``; the requirements added, replaced and rejected, with reasons).
+
+Example (``DummyLM`` stands in for the refiner's LM):
+    >>> import dspy
+    >>> from dspy.utils.dummies import DummyLM
+    >>> refiner = InstructionRefiner(lm=DummyLM([{"requirements": '["Give distances in meters."]'}]))
+    >>> refiner(instruction="Answer.", feedback="Not what I meant: meters, please.").refined_instruction
+    'Answer.\\n\\nRequirements:\\n- Give distances in meters.'
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Sequence
+from importlib import resources
 from typing import Any, Literal
 
 import dspy
+from dspy.teleprompt import LabeledFewShot
+
+from rosa2_dspy import requirements
 
 logger = logging.getLogger(__name__)
 
@@ -44,45 +67,145 @@ class RefineInstruction(dspy.Signature):
     refined_instruction: str = dspy.OutputField(desc="the rewritten instruction, plain text")
 
 
+class MissingRequirements(dspy.Signature):
+    """From a user's feedback on an assistant's answers, list the requirements that the assistant's
+    instruction is missing: what the user wants of every answer (format, units, casing, length,
+    constraints, how to work). Each requirement is one short imperative sentence. Never state the answer
+    to a specific question and never copy numbers from one."""
+
+    instruction: str = dspy.InputField(desc="the instruction the assistant currently follows")
+    feedback: str = dspy.InputField(desc="the user's latest feedback")
+    history: str = dspy.InputField(desc="the user's earlier feedback in this conversation")
+    requirements: list[str] = dspy.OutputField(desc="the missing requirements, one short sentence each")
+
+
+DEMOS_FILE = "refiner_demos.json"
+
+
+def shipped_demos() -> list[dspy.Example]:
+    """The hand-written refinement examples (instruction, feedback, history -> requirements)."""
+    rows = json.loads(resources.files("rosa2_dspy").joinpath("data", DEMOS_FILE).read_text(encoding="utf-8"))
+    return [dspy.Example(**row).with_inputs("instruction", "feedback", "history") for row in rows]
+
+
 class InstructionRefiner(dspy.Module):
-    """Runs :class:`RefineInstruction`; keeps the old instruction when the new one is unusable.
+    """The words step; keeps the old instruction when the LM's output is unusable (see the module docstring).
 
     Args:
-        lm: the refiner's LM (any ``dspy.LM``: a litellm model string's LM or a ``LocalLM``). ``None``
-            uses whatever LM is configured when it runs.
-        max_chars: longest acceptable instruction.
-        fallback: what a rejected rewrite turns into: ``"keep"`` the instruction (default), or
-            ``"append"`` the feedback to it as a requirement.
+        lm: the refiner's LM (any ``dspy.LM``: a litellm model's or a ``LocalLM``). ``None`` uses whatever
+            LM is configured when it runs.
+        style: ``"requirements"`` (structured gradient, default) or ``"rewrite"`` (free-text rewrite).
+        fallback: what unusable output turns into: ``"keep"`` the instruction (default), or ``"append"``
+            the cleaned feedback to it as a requirement.
+        max_chars: longest acceptable rewritten instruction (``"rewrite"``).
+        max_requirements: most requirements an instruction keeps (``"requirements"``; oldest dropped).
+        num_demos: demos shown per call (the most similar to the feedback; 0: none). The set is
+            ``self.predict.demos``, the shipped one by default; replace it, or ``load`` a compiled refiner.
+        adapter: the DSPy adapter the refiner's LM runs under; default: the one in context, except that a
+            :class:`~rosa2_dspy.local_lm.LocalLM` refiner uses its own ``default_adapter``.
     """
 
-    def __init__(self, lm: dspy.BaseLM | None = None, max_chars: int = 2000,
-                 fallback: Literal["keep", "append"] = "keep") -> None:
+    def __init__(self, lm: dspy.BaseLM | None = None, style: Literal["requirements", "rewrite"] = "requirements",
+                 fallback: Literal["keep", "append"] = "keep", max_chars: int = 2000, max_requirements: int = 6,
+                 num_demos: int = 4, adapter: dspy.Adapter | None = None) -> None:
         super().__init__()
         if fallback not in ("keep", "append"):
             raise ValueError(f"fallback must be 'keep' or 'append', got {fallback!r}.")
-        self.predict = dspy.Predict(RefineInstruction)
+        if style not in ("requirements", "rewrite"):
+            raise ValueError(f"style must be 'requirements' or 'rewrite', got {style!r}.")
+        self.style = style
+        if style == "requirements":
+            self.predict = LabeledFewShot(k=len(shipped_demos())).compile(
+                dspy.Predict(MissingRequirements), trainset=shipped_demos())
+        else:
+            self.predict = dspy.Predict(RefineInstruction)
         self.refiner_lm = lm
-        self.max_chars = max_chars
+        self.adapter = adapter
+        self.max_chars, self.max_requirements, self.num_demos = max_chars, max_requirements, num_demos
         self.fallback = fallback
 
-    def forward(self, instruction: str, feedback: str, history: str = "") -> dspy.Prediction:
-        """Returns ``refined_instruction``, ``accepted`` (did the instruction change), ``reason`` (why the LM's
-        rewrite was not used, "" if it was), ``diagnosis`` and ``source`` (``lm``, ``append`` or ``kept``)."""
+    def forward(self, instruction: str, feedback: str, history: str = "", answers: Sequence[str] = (),
+                reference: Sequence[str] = (), inputs: Sequence[str] = ()) -> dspy.Prediction:
+        """Returns ``refined_instruction``, ``accepted`` (did the instruction change), ``source`` (``lm``,
+        ``append`` or ``kept``), ``reason`` (why the LM's output was not used, "" if it was), ``diagnosis``
+        and, for ``"requirements"``, ``requirements`` (the LM's list), ``added``, ``replaced`` and
+        ``rejected`` (``[requirement, reason]`` pairs).
+
+        ``answers`` (the model's answers so far), ``reference`` (a revealed answer's values) and ``inputs``
+        (the questions) are what the words must never copy.
+        """
+        if self.style == "rewrite":
+            return self._rewrite(instruction, feedback, history)
+        said = requirements.clean_feedback(feedback, answers, reference)
+        earlier = [requirements.clean_feedback(part, answers, reference) for part in _feedback_lines(history)]
+        forbidden = requirements.forbidden_numbers([*reference, *answers, *inputs], feedback)
+        if not said:
+            return self._fall_back(instruction, said, history, "no requirement left in the feedback", answers,
+                                   forbidden)
         try:
-            with dspy.context(**({"lm": self.refiner_lm} if self.refiner_lm is not None else {})):
+            with self._context():
+                out = self.predict(instruction=instruction, feedback=said,
+                                   history="\n".join(e for e in earlier if e) or "(none)",
+                                   demos=self._nearest_demos(said))
+            proposed = [t for r in (out.requirements or []) if (t := _tidy(str(r)))]
+        except Exception as err:  # an unreachable remote LM or unparsable output must not end the chat
+            logger.warning("Refiner failed (%s: %s).", type(err).__name__, err)
+            return self._fall_back(instruction, said, history, f"refiner error: {type(err).__name__}: {err}",
+                                   answers, forbidden)
+        rejected = [[r, why] for r in proposed if (why := requirements.rejection_reason(r, forbidden, answers))]
+        usable = [r for r in proposed if not requirements.rejection_reason(r, forbidden, answers)]
+        merged = requirements.merge(instruction, usable, self.max_requirements)
+        if merged.changed:
+            return self._result(merged, "lm", "", proposed, rejected)
+        if usable:  # everything it said is already stated: nothing to change, nothing to fall back to
+            return self._result(merged, "kept", "no new requirement (all already stated)", proposed, rejected)
+        reason = "; ".join(sorted({why for _, why in rejected})) or "no requirement proposed"
+        return self._fall_back(instruction, said, history, reason, answers, forbidden, proposed, rejected)
+
+    def _context(self):
+        settings: dict[str, Any] = {}
+        if self.refiner_lm is not None:
+            settings["lm"] = self.refiner_lm
+        adapter = self.adapter or getattr(self.refiner_lm, "default_adapter", None)
+        if adapter is not None:
+            settings["adapter"] = adapter
+        return dspy.context(**settings)
+
+    def _nearest_demos(self, feedback: str) -> list[Any]:
+        """The ``num_demos`` demos whose feedback shares the most words with ``feedback``, most similar last
+        (a small model follows the last example most closely)."""
+        words = _word_set(feedback)
+
+        def similarity(demo: Any) -> float:
+            theirs = _word_set(demo.get("feedback", ""))
+            return len(words & theirs) / (len(theirs) ** 0.5 or 1.0)
+
+        ranked = sorted(self.predict.demos, key=similarity)
+        return ranked[len(ranked) - self.num_demos:] if self.num_demos else []
+
+    @staticmethod
+    def _result(merged: requirements.Merge, source: str, reason: str, proposed: list[str],
+                rejected: list[list[str]]) -> dspy.Prediction:
+        return dspy.Prediction(refined_instruction=merged.instruction, accepted=merged.changed, reason=reason,
+                               diagnosis="; ".join(proposed), source=source, requirements=proposed,
+                               added=merged.added, replaced=merged.replaced, rejected=rejected)
+
+    def _rewrite(self, instruction: str, feedback: str, history: str) -> dspy.Prediction:
+        try:
+            with self._context():
                 out = self.predict(instruction=instruction, feedback=feedback, history=history or "(none)")
             candidate, diagnosis = out.refined_instruction, out.get("diagnosis", "")
-        except Exception as err:  # an unreachable remote LM or unparsable output must not end the chat
+        except Exception as err:
             logger.warning("Refiner failed (%s: %s).", type(err).__name__, err)
             return self._fall_back(instruction, feedback, history, f"refiner error: {type(err).__name__}: {err}")
         reason = self.rejection_reason(instruction, candidate, history)
         if reason:
-            return self._fall_back(instruction, feedback, history, reason, diagnosis)
+            return self._fall_back(instruction, feedback, history, reason, diagnosis=diagnosis)
         return dspy.Prediction(refined_instruction=candidate.strip(), accepted=True, reason="", diagnosis=diagnosis,
                                source="lm")
 
     def rejection_reason(self, instruction: str, candidate: Any, history: str = "") -> str:
-        """Why ``candidate`` is not a usable instruction ("" if it is)."""
+        """Why ``candidate`` is not a usable rewritten instruction ("" if it is)."""
         if not isinstance(candidate, str) or not candidate.strip():
             return "empty refined instruction"
         text = candidate.strip()
@@ -101,16 +224,48 @@ class InstructionRefiner(dspy.Module):
             return "refined instruction echoes the conversation instead of instructing"
         return ""
 
-    def _fall_back(self, instruction: str, feedback: str, history: str, reason: str,
-                   diagnosis: str = "") -> dspy.Prediction:
+    def _fall_back(self, instruction: str, feedback: str, history: str, reason: str, answers: Sequence[str] = (),
+                   forbidden: set[str] | None = None, proposed: list[str] | None = None,
+                   rejected: list[list[str]] | None = None, diagnosis: str = "") -> dspy.Prediction:
         # Sentences of the feedback that quote the model's earlier answers are no requirement: drop them.
         kept = [s for s in re.split(r"(?<=[.!?])\s+", feedback.strip()) if s and not _echoes(s, history, span=30)]
-        requirement = f"Requirement from the user: {' '.join(kept)}"
+        said = " ".join(kept)
+        if self.style == "requirements":
+            # Each remaining sentence must itself be fit for the words (no example values, no answers).
+            fit = [s for s in kept if not _COMPLAINT.match(s)
+                   and not requirements.rejection_reason(f"The user said: {s}", forbidden or set(), answers)]
+            requirement = f"The user said: {' '.join(fit)}"
+            usable = self.fallback == "append" and fit and len(requirement) <= requirements.MAX_REQUIREMENT_CHARS
+            merged = requirements.merge(instruction, [requirement] if usable else [], self.max_requirements)
+            return self._result(merged, "append" if merged.changed else "kept", reason, proposed or [], rejected or [])
+        requirement = f"Requirement from the user: {said}"
         if self.fallback == "append" and kept and requirement not in instruction:
             return dspy.Prediction(refined_instruction=f"{instruction.rstrip()}\n{requirement}", accepted=True,
                                    reason=reason, diagnosis=diagnosis, source="append")
         return dspy.Prediction(refined_instruction=instruction, accepted=False, reason=reason, diagnosis=diagnosis,
                                source="kept")
+
+
+# Whole sentences of feedback that say "wrong" without saying what is wanted.
+_COMPLAINT = re.compile(
+    r"^\W*(?:(?:no|nope|wrong|incorrect|not quite)\W*)?(?:that'?s (?:not right|not it|wrong|incorrect)\W*)?$"
+    r"|^\W*your answer\b.*\bnot what i meant\W*$|^\W*check your work\b|^\W*i got no answer\b",
+    re.IGNORECASE)
+
+
+def _tidy(requirement: str) -> str:
+    """A requirement without the list syntax a small model leaves around it (``["...",`` of a cut-off list)."""
+    return requirement.strip().strip("[]").strip().strip(",").strip().strip("\"'").strip()
+
+
+def _word_set(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def _feedback_lines(history: str) -> list[str]:
+    """The user's feedback of each earlier turn in a history text (``Turn k (reward r): answer: ... |
+    feedback: ...`` lines)."""
+    return [line.split("| feedback:", 1)[1].strip() for line in history.splitlines() if "| feedback:" in line]
 
 
 def _repeats_itself(text: str) -> bool:

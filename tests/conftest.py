@@ -161,3 +161,38 @@ def embedded_lm():
     from rosa2_dspy.local_lm import LocalLM
 
     return LocalLM("embedded", max_tokens=128)
+
+
+def requirement_refiner(*requirements: str, n: int = 40) -> "dspy.utils.dummies.DummyLM":
+    """A scripted refiner LM (DSPy's DummyLM) that proposes ``requirements`` on every words step."""
+    import json
+
+    from dspy.utils.dummies import DummyLM
+
+    return DummyLM([{"requirements": json.dumps(list(requirements) or ["Reply with one number."])}] * n)
+
+
+def requirements_of(instructions: dict[str, str]) -> dict[str, list[str]]:
+    """Each predictor's requirements block (what the words step added), by predictor name."""
+    from rosa2_dspy.requirements import split
+
+    return {name: split(text)[1] for name, text in instructions.items()}
+@pytest.fixture(scope="session")
+def openai_server():
+    """One local HTTP server (127.0.0.1, a free port) for the whole run; ``openai_stub`` scripts it per test."""
+    from openai_stub import OpenAIStub
+
+    server = OpenAIStub.serve()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def openai_stub(openai_server):
+    """An OpenAI-compatible ``/v1/chat/completions`` endpoint on 127.0.0.1 that serves scripted replies and
+    records the requests it got (tests/openai_stub.py); ``openai_stub.lm()`` is a ``dspy.LM`` aimed at it."""
+    from openai_stub import OpenAIStub
+
+    stub = OpenAIStub(openai_server)
+    yield stub
+    stub.close()

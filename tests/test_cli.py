@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dspy
 import torch
-from dspy.utils.dummies import DummyLM
 
-from conftest import make_scripted_policy
+from conftest import make_scripted_policy, requirement_refiner
 from rosa2_dspy.cli import main, run_chat
 from rosa2_dspy.local_lm import LocalLM
 from rosa2_dspy.rosa2 import ROSA2
 
 
 def test_chat_shows_words_and_weights_changing_turn_by_turn(tiny_lm, tmp_path):
-    refiner = DummyLM([{"diagnosis": "wants a number", "refined_instruction": "Reply with the number only."}] * 5)
+    refiner = requirement_refiner("Reply with the number only.", n=5)
     rosa2 = ROSA2(dspy.ChainOfThought("question -> answer"), tiny_lm, mode="joint", refiner_lm=refiner)
     lines = iter(["What is 2+3?", "/answer 5", "", "no, just the number", "/score x bad", "/score 0.5 closer",
                   "/ok", f"/save {tmp_path / 's'}", "/load /nonexistent", "/quit"])
@@ -21,7 +20,7 @@ def test_chat_shows_words_and_weights_changing_turn_by_turn(tiny_lm, tmp_path):
     run_chat(rosa2, read=lambda prompt: next(lines), write=shown.append)
     text = "\n".join(shown)
     assert "[turn 1] answer:" in text and "[turn 2] answer:" in text and "[turn 3] answer:" in text
-    assert "[words] predict: refined: Reply with the number only." in text
+    assert "[words] predict: refined:" in text and "- Reply with the number only." in text
     assert "[weights] applied: |Δθ| =" in text
     assert "usage: /score X TEXT" in text and "accepted." in text
     assert "error:" in text  # /load of a missing folder is reported, not raised
@@ -39,7 +38,7 @@ def test_rosa2_chat_command_loads_a_model_by_path_and_appends_feedback_when_the_
     assert "ROSA2 chat, mode=joint" in text and "[turn 2] answer:" in text
     # The tiny local refiner writes junk; the default fallback for a local refiner turns the feedback into a requirement.
     assert "[words] self: refined: Given the fields `question`, produce the fields `answer`." in text
-    assert "Requirement from the user: no, just the number" in text
+    assert "- The user said: no, just the number" in text
     assert "[weights] applied: |Δθ| =" in text
 
 
@@ -51,7 +50,7 @@ def _chat(rosa2, lines, **kwargs):
 
 
 def test_chat_reports_every_bad_input_and_goes_on(tiny_lm, tmp_path):
-    refiner = DummyLM([{"diagnosis": "d", "refined_instruction": "Reply with the number only."}] * 20)
+    refiner = requirement_refiner("Reply with the number only.", n=20)
     rosa2 = ROSA2(dspy.Predict("question -> answer"), tiny_lm, mode="joint", refiner_lm=refiner)
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
@@ -77,7 +76,7 @@ def test_chat_reports_every_bad_input_and_goes_on(tiny_lm, tmp_path):
 
 
 def test_the_revealed_answer_belongs_to_its_question_only(tiny_lm, monkeypatch):
-    refiner = DummyLM([{"diagnosis": "d", "refined_instruction": "Reply with the number only."}] * 20)
+    refiner = requirement_refiner("Reply with the number only.", n=20)
     rosa2 = ROSA2(dspy.Predict("question -> answer"), tiny_lm, mode="param-only", refiner_lm=refiner)
     references = []
     adapt = rosa2.adapt

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import dspy
 import pytest
 import torch
-from dspy.utils.dummies import DummyLM
 
 from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
+from conftest import requirement_refiner, requirements_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-for-bit comparisons (conftest)
 
@@ -143,7 +143,7 @@ def wrong(example, prediction, trace=None):
 
 
 def build(lm, mode="joint"):
-    refiner = DummyLM([{"diagnosis": "Wants a number.", "refined_instruction": "Reply with one number."}] * 100)
+    refiner = requirement_refiner("Reply with one number.", n=100)
     return ROSA2(dspy.Predict("question -> answer"), lm, wrong, mode=mode, refiner_lm=refiner, max_turns=3,
                  weights=ROSAStep(beta=0.5, max_norm=5.0))
 
@@ -210,7 +210,7 @@ def test_acall_and_aadapt_run_in_the_tasks_own_session(tiny_lm):
     for sid, (first, record, second) in zip(ids, results):
         session = rosa2.sessions[sid]
         assert [t.record for t in session.turns] == [record] and record.weights["applied"]
-        assert set(session.instructions.values()) == {"Reply with one number."}
+        assert requirements_of(session.instructions) == {"self": ["Reply with one number."]}
         assert session.pending.record.outputs == dict(second.items())
     adapters_after = [rosa2.sessions[s].adapter for s in ids]
     assert all(not torch.equal(a, b) for i, a in enumerate(adapters_after) for b in adapters_after[i + 1:])

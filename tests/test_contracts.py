@@ -15,7 +15,7 @@ from dspy.clients.base_lm import GLOBAL_HISTORY
 from dspy.teleprompt import COPRO, BootstrapFewShot, LabeledFewShot
 from dspy.utils.dummies import DummyLM
 
-from conftest import Outer, build_tiny_model, build_tiny_tokenizer
+from conftest import Outer, build_tiny_model, build_tiny_tokenizer, requirement_refiner, requirements_of
 from rosa2_dspy.local_lm import LocalLM
 from rosa2_dspy.policy import LoRAPolicy, LoRASettings
 from rosa2_dspy import records
@@ -27,7 +27,7 @@ FEEDBACK = "Wrong: I want just the number."
 
 
 def refiner(n: int = 40) -> DummyLM:
-    return DummyLM([{"diagnosis": "The user wants a bare number.", "refined_instruction": REFINED}] * n)
+    return requirement_refiner(REFINED, n=n)
 
 
 def wrong(example, prediction, trace=None):
@@ -92,7 +92,7 @@ def test_react_with_one_tool_interacts_for_three_turns(mode):
     assert [c.predictor for c in turn.calls] == ["react", "react", "extract.predict"]
     assert [c.completion for c in turn.calls] == [LOOKUP, FINISH, EXTRACT]  # what the model wrote
     if mode in ("prompt-only", "joint"):
-        assert rosa2.session.turns[1].record.instructions == {"react": REFINED, "extract.predict": REFINED}
+        assert requirements_of(rosa2.session.turns[1].record.instructions) == {"react": [REFINED], "extract.predict": [REFINED]}
         # the second turn's prompts (3 per turn: react, react, extract) ran the refined words
         assert all(REFINED in messages[0]["content"] for messages in policy.prompts[3:6])
         assert not any(REFINED in messages[0]["content"] for messages in policy.prompts[:3])
@@ -129,7 +129,7 @@ def test_best_of_n_and_refine_apply_the_weights_step_in_joint_mode(tiny_lm, wrap
     (call,) = rosa2.session.turns[0].calls
     assert call.predictor == "module" and call.outputs["answer"] == prediction.answer
     assert call.completion is not None and call.completion in written  # the raw text of the copy's call
-    assert rosa2.session.instructions == {"module": REFINED}
+    assert requirements_of(rosa2.session.instructions) == {"module": [REFINED]}
 
 
 class ProgramOfThoughtStyle(dspy.Module):
@@ -270,7 +270,7 @@ def test_a_program_compiled_through_rosa2_is_adapted_from_its_compiled_state():
     assert COMPILED in first_prompt[0]["content"]
     assert compiled.program.demos[0].question in " ".join(m["content"] for m in first_prompt[1:])
     assert result.rosa2.trajectory[0].instructions == {"self": COMPILED}
-    assert result.rosa2.trajectory[1].instructions == {"self": REFINED}  # refined from the compiled words
+    assert requirements_of(result.rosa2.trajectory[1].instructions) == {"self": [REFINED]}  # refined from the compiled words
 
 
 def test_labeled_demos_and_instructions_set_after_wrapping_reach_the_lm(tiny_lm):
@@ -286,7 +286,7 @@ def test_labeled_demos_and_instructions_set_after_wrapping_reach_the_lm(tiny_lm)
     carried = compiled.start_session("carried", carry_over_from=compiled.current_session_id)
     compiled.program.predict.signature = compiled.program.predict.signature.with_instructions("Something else.")
     compiled(question=EXAMPLE.question)
-    assert compiled.sessions[carried].instructions == {"predict": REFINED}
+    assert requirements_of(compiled.sessions[carried].instructions) == {"predict": [REFINED]}
 
 
 def test_the_refiner_is_hidden_from_a_parents_named_predictors_unless_asked_for(tiny_lm):

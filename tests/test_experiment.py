@@ -35,7 +35,11 @@ def test_every_mode_runs_on_the_same_tasks_and_reports_table_json_and_plot(tiny_
     assert summaries["prompt-only"]["seconds_per_turn"]["weights"] == 0
     assert summaries["param-only"]["seconds_per_turn"]["words"] == 0
     assert summaries["joint"]["seconds_per_turn"]["words"] > 0 and summaries["joint"]["seconds_per_turn"]["weights"] > 0
-    assert results["theorem_4_1"]["pairs"] == 2  # one step per task, also computed under the original words
+    assert results["step_norm_comparison"]["pairs"] == 2  # one step per task, also computed under the original words
+    # One adapted joint turn per task, measured against the simulated user's gold (nothing revealed yet).
+    theorem = results["theorem_4_1"]
+    assert theorem["measured"] == 2 and theorem["skipped"] == {} and theorem["reference_sources"] == {"gold": 2}
+    assert all(r["theorem41"] is None for m in MODES if m != "joint" for t in results["trajectories"][m] for r in t)
 
     paths = experiment.report(results, "tiny")
     written = json.loads(paths["json"].read_text())

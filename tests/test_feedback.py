@@ -73,7 +73,7 @@ def test_math_verifier_scores_and_never_states_the_gold() -> None:
 
 def test_shipped_math_golds_verify_against_themselves() -> None:
     verifier = MathVerifier()
-    for example in load_task("math"):
+    for example in load_task("math_smoke") + load_task("math"):
         assert ask(verifier, example, answer=f"The answer is ${example.answer}$.").solved, example.question
 
 
@@ -139,7 +139,7 @@ def test_intent_accept_regexes_take_the_gold_and_refuse_wrong_formats() -> None:
 
 def test_reveal_none_never_states_the_gold() -> None:
     user = feedback_for("math", reveal="none")
-    for example in load_task("math"):
+    for example in load_task("math_smoke") + load_task("math", limit=20):
         for history in (None, [1], [1, 2, 3, 4]):
             result = ask(user, example, history=history, answer="The answer is 1234567.")
             assert not result.solved and result.reference is None
@@ -147,7 +147,7 @@ def test_reveal_none_never_states_the_gold() -> None:
 
 
 def test_reveal_answer_states_the_gold_and_sets_reference() -> None:
-    example = load_task("math")[16]
+    example = load_task("math_smoke")[16]
     result = ask(SimulatedUser(MathVerifier(), reveal="answer"), example, answer="0.5")
     assert example.answer in result.feedback and result.reference == {"answer": example.answer}
     code = add_example()
@@ -184,10 +184,10 @@ def test_simulated_user_rejects_bad_settings() -> None:
 
 def test_as_feedback_accepts_every_source() -> None:
     cases = [
-        (MathVerifier(), load_task("math")[0], {"answer": "12"}),
+        (MathVerifier(), load_task("math_smoke")[0], {"answer": "12"}),
         (CodeVerifier(), add_example(), {"code": "def add(a, b): return a - b"}),
         (IntentVerifier(), load_task("intent")[0], {"answer": "3 km"}),
-        (feedback_for("math", reveal="answer", reveal_after=0), load_task("math")[0], {"answer": "13"}),
+        (feedback_for("math", reveal="answer", reveal_after=0), load_task("math_smoke")[0], {"answer": "13"}),
     ]
     for source, example, outputs in cases:
         for history in (None, [1, 2]):
@@ -199,22 +199,28 @@ def test_as_feedback_accepts_every_source() -> None:
 # --- datasets ---------------------------------------------------------------------------------------------
 
 NEEDED = {
-    "math": {"question", "answer", "hint", "level"},
+    "math": {"question", "answer", "hint", "steps", "template", "numbers"},
+    "math_smoke": {"question", "answer", "hint", "level"},
     "code": {"question", "entry_point", "tests", "hint", "reference"},
+    "humaneval": {"question", "prompt", "entry_point", "tests", "reference", "task_id"},
     "intent": {"question", "intent", "answer", "accept", "reject", "hint", "kind"},
+    "intentgen": {"question", "intent", "answer", "hint", "kind", "value", "unit", "split", "example"},
 }
 
 
 @pytest.mark.parametrize("name", TASKS)
 def test_datasets_load_with_the_fields_the_verifiers_need(name: str) -> None:
     examples = load_task(name)
-    assert len(examples) == {"math": 24, "code": 12, "intent": 24}[name]
+    assert len(examples) == {"math": 96, "math_smoke": 24, "code": 12, "humaneval": 164, "intent": 24,
+                             "intentgen": 96}[name]
     for example in examples:
         assert NEEDED[name] <= set(example.keys()), example
         assert set(example.inputs().keys()) == {"question"}
     assert len(load_task(name, limit=3)) == 3
     assert signature_for(name).startswith("question -> ")
     if name == "math":
+        assert [e.steps for e in load_task(name, limit=5)] == [2, 3, 4, 5, 6]
+    if name == "math_smoke":
         assert sorted({e.level for e in examples}) == [1, 2, 3]
         assert [e.level for e in load_task(name, limit=6, spread=True)] == [1, 1, 2, 2, 3, 3]
     if name == "intent":

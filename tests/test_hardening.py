@@ -5,15 +5,15 @@ from __future__ import annotations
 import dspy
 import pytest
 import torch
-from dspy.utils.dummies import DummyLM
 
 from rosa2_dspy.errors import TurnFailedError
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import IterativeTTT, ROSAStep
+from conftest import requirement_refiner
 
 
 def make(lm):
-    refiner = DummyLM([{"diagnosis": "Wants a number.", "refined_instruction": "Reply with one number."}] * 20)
+    refiner = requirement_refiner("Reply with one number.", n=20)
     return ROSA2(dspy.Predict("question -> answer"), lm, mode="joint", refiner_lm=refiner)
 
 

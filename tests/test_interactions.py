@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dspy
 import pytest
-from dspy.utils.dummies import DummyLM
 
 from rosa2_dspy.interactions import Interaction, as_interactions, on_task, per_turn, result_of, solved
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep
+from conftest import requirement_refiner, requirements_of
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-for-bit comparisons (conftest)
@@ -31,7 +31,7 @@ def user(example, prediction, trace=None, history=None):
 
 
 def build(lm):
-    refiner = DummyLM([{"diagnosis": "Wants a number.", "refined_instruction": "Reply with one number."}] * 100)
+    refiner = requirement_refiner("Reply with one number.", n=100)
     return ROSA2(dspy.Predict("question -> answer"), lm, user, mode="joint", refiner_lm=refiner, max_turns=3,
                  weights=ROSAStep(beta=0.5, max_norm=5.0))
 
@@ -61,7 +61,7 @@ def test_evaluate_with_threads_over_interactions_equals_the_sequential_run(tiny_
     assert view(threaded) == view(sequential)
     assert [score for *_, score in sequential.results] == [1.0, 0.5, 1 / 3, 0.0]
     first = result_of(sequential.results[1][1]).trajectory[0]
-    assert first.weights["applied"] and first.refined_instructions == {"self": "Reply with one number."}
+    assert first.weights["applied"] and requirements_of(first.refined_instructions) == {"self": ["Reply with one number."]}
     assert rosa2.sessions == {}  # each interaction ran in a session of its own, ended afterwards
     assert per_turn(threaded, 3)["accuracy_per_turn"] == [0.25, 0.5, 0.75]
 

@@ -44,6 +44,7 @@ def failing_on(question):
                 raise Interrupted("the user left")
             return user(example, prediction, trace, history=history)
 
+        feedback.reference_for = user.reference_for  # the same user: the same accepted answer (Theorem 4.1)
         return feedback
 
     return build

@@ -9,11 +9,11 @@ import os
 import dspy
 import pytest
 import torch
-from dspy.utils.dummies import DummyLM
 
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep
+from conftest import requirement_refiner, requirements_of
 
 QUESTION = "What is 2+3?"
 
@@ -23,7 +23,7 @@ def wrong(example, prediction, trace=None):
 
 
 def make(lm, program=None):
-    refiner = DummyLM([{"diagnosis": "Wants a number.", "refined_instruction": "Reply with one number."}] * 20)
+    refiner = requirement_refiner("Reply with one number.", n=20)
     return ROSA2(program or dspy.ChainOfThought("question -> answer"), lm, wrong, mode="joint", refiner_lm=refiner)
 
 
@@ -177,7 +177,7 @@ class Parent(dspy.Module):
 
     def __init__(self, lm):
         super().__init__()
-        refiner = DummyLM([{"diagnosis": "Wants a number.", "refined_instruction": "Reply with one number."}] * 20)
+        refiner = requirement_refiner("Reply with one number.", n=20)
         self.chat = ROSA2(dspy.Predict("question -> answer"), lm, wrong, mode="joint", refiner_lm=refiner,
                           weights=ROSAStep(max_norm=5.0))
 
@@ -212,7 +212,7 @@ def test_a_parent_programs_json_save_and_load_carry_rosa2s_sessions_and_adapters
     restored = Parent(tiny_lm)
     restored.load(tmp_path / "parent.json")  # DSPy's own Module.load
     again = restored.chat.sessions["alice"]
-    assert again.instructions == {"self": "Reply with one number."}
+    assert requirements_of(again.instructions) == {"self": ["Reply with one number."]}
     assert torch.equal(again.adapter, session.adapter)
     assert restored.chat.current_session_id == "alice"
     assert next_answer(restored) == next_answer(parent)

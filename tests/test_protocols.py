@@ -41,7 +41,7 @@ def test_hint_adds_the_hidden_intent_and_a_hint_but_never_the_answer(turn):
 
 
 def test_answer_hints_first_then_reveals_the_reference_for_the_weights_step():
-    example = load_task("math")[3]
+    example = load_task("math_smoke")[3]
     user = SimulatedUser.for_protocol(MathVerifier(), "answer", reveal_after=1)
     assert user.protocol == "answer" and (user.reveal, user.reveal_after) == ("hint", 1)
     first, later = say(user, example, 0, answer="-1"), say(user, example, 2, answer="-1")
@@ -69,7 +69,7 @@ def test_experiment_configs_name_their_protocol():
     assert experiment.resolve_protocol({})[0] == "answer"  # feedback_for's defaults: hint, answer from turn 2
     with pytest.raises(ValueError, match="amount to 'answer'"):
         experiment.resolve_protocol({"protocol": "hint", "feedback": {"reveal": "hint", "reveal_after": 1}})
-    for name in ("default", "math", "code"):
+    for name in ("default", "math", "math_smoke", "code"):
         assert experiment.resolve_protocol(experiment.load_config(name))[0] == "answer"
     title = experiment.title_for({"config": {"task": "code", "protocol": "answer"}, "protocol": "answer"})
     assert title == "code · embedded · protocol answer (learning a revealed answer)"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from dspy.utils.dummies import DummyLM
 
-from conftest import Outer
+from conftest import Outer, requirement_refiner, requirements_of
 from rosa2_dspy.errors import FeedbackError
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
@@ -34,6 +34,12 @@ class TwoStage(dspy.Module):
 
 
 def refiner(text: str = REFINED, n: int = 20) -> DummyLM:
+    """A scripted refiner that proposes the requirement ``text`` (the default, structured words step)."""
+    return requirement_refiner(text, n=n)
+
+
+def rewriter(text: str = REFINED, n: int = 20) -> DummyLM:
+    """A scripted refiner for ``refiner_style="rewrite"``: it rewrites the whole instruction to ``text``."""
     return DummyLM([{"diagnosis": "The user wants a bare number.", "refined_instruction": text}] * n)
 
 
@@ -54,7 +60,7 @@ def one_turn(rosa2, feedback="Wrong: I want just the number."):
 def test_prompt_only_changes_words_never_weights(tiny_lm):
     rosa2 = make(tiny_lm, "prompt-only")
     record = one_turn(rosa2)
-    assert rosa2.session.instructions == {"predict": REFINED}
+    assert requirements_of(rosa2.session.instructions) == {"predict": [REFINED]}
     assert record.words["predict"]["accepted"] and record.weights is None
     assert torch.equal(rosa2.session.adapter, tiny_lm.policy.initial_adapter_vector)
 
@@ -75,12 +81,12 @@ def test_joint_takes_the_weights_gradient_under_the_refined_words(tiny_lm):
     prediction = rosa2(question=EXAMPLE.question)
     raw = tiny_lm.history[-1]["outputs"][0]  # what the model really wrote this turn
     record = rosa2.adapt("Wrong: I want just the number.", score=0.0, reference={"answer": "5"})
-    assert rosa2.session.instructions == {"predict": REFINED}
+    assert requirements_of(rosa2.session.instructions) == {"predict": [REFINED]}
     assert record.weights["applied"]
 
     # Recompute the step independently: responses formatted with the refined instruction.
     adapter = rosa2.adapter
-    signature = rosa2.program.predict.signature.with_instructions(REFINED)
+    signature = rosa2.program.predict.signature.with_instructions(rosa2.session.instructions["predict"])
     outputs = {"reasoning": prediction.reasoning, "answer": prediction.answer}
 
     def responses(sig):
@@ -155,7 +161,7 @@ def test_sessions_are_isolated_and_the_lm_is_left_as_it_was(tiny_lm):
 
     carried = rosa2.start_session("c", carry_over_from=a)
     assert torch.equal(rosa2.sessions[carried].adapter, adapted_a)
-    assert rosa2.sessions[carried].instructions == {"predict": REFINED}
+    assert requirements_of(rosa2.sessions[carried].instructions) == {"predict": [REFINED]}
     rosa2.reset_session(carried)
     assert torch.equal(rosa2.sessions[carried].adapter, policy.initial_adapter_vector)
 
@@ -208,19 +214,21 @@ def test_bad_feedback_raises_and_loses_nothing(tiny_lm):
 
 
 def test_junk_from_the_refiner_keeps_the_instruction(tiny_lm):
-    rosa2 = make(tiny_lm, "prompt-only", refiner_lm=refiner("Reply as [[ ## answer ## ]] then stop."))
+    rosa2 = make(tiny_lm, "prompt-only", refiner_lm=rewriter("Reply as [[ ## answer ## ]] then stop."),
+                 refiner_style="rewrite")
     record = one_turn(rosa2)
     assert rosa2.session.instructions == rosa2.original_instructions
     assert record.words["predict"] == {"accepted": False, "reason": "refined instruction leaks DSPy field markers",
-                                       "source": "kept", "diagnosis": "The user wants a bare number."}
-    empty = make(tiny_lm, "prompt-only", refiner_lm=refiner(""))
+                                       "source": "kept", "diagnosis": "The user wants a bare number.",
+                                       "chars": len(rosa2.original_instructions["predict"])}
+    empty = make(tiny_lm, "prompt-only", refiner_lm=rewriter(""), refiner_style="rewrite")
     assert one_turn(empty).words["predict"]["reason"] == "empty refined instruction"
     # An echo of the model's own earlier answer is no instruction either; quoting the user is fine.
     from rosa2_dspy.words import InstructionRefiner
 
     history = "Turn 1 (reward 0.0): answer: def add(a, b): return a - b  # subtracts instead | " \
               "feedback: please always reply with only the final number and nothing else"
-    check = InstructionRefiner().rejection_reason
+    check = InstructionRefiner(style="rewrite").rejection_reason
     assert "echoes" in check("Solve it.", "Write def add(a, b): return a - b  # subtracts instead", history)
     assert "field markers" in check("Solve it.", "The instructions are:\n[## instruction ##]\n{instruction}", "")
     assert "not prose" in check("Solve it.", "The instructions are:\n\n[#2]\n[#3]\n[#4]\n[#5]\n[#6]\n[#7]\n[#8]", "")
@@ -234,7 +242,7 @@ def test_junk_from_the_refiner_keeps_the_instruction(tiny_lm):
 
 
 def test_append_fallback_turns_a_rejected_rewrite_into_the_feedback_itself(tiny_lm):
-    rosa2 = make(tiny_lm, "prompt-only", refiner_lm=refiner(""), refiner_fallback="append")
+    rosa2 = make(tiny_lm, "prompt-only", refiner_lm=rewriter(""), refiner_fallback="append", refiner_style="rewrite")
     record = one_turn(rosa2, feedback="Give only the number.")
     original = rosa2.original_instructions["predict"]
     assert rosa2.session.instructions["predict"] == original + "\nRequirement from the user: Give only the number."
@@ -247,7 +255,7 @@ def test_multi_stage_pipeline_adapts_every_predictor(tiny_lm):
     rosa2 = ROSA2(TwoStage(), tiny_lm, wrong, mode="joint", refiner_lm=refiner())
     record = one_turn(rosa2)
     assert set(rosa2.session.instructions) == {"draft", "final"}
-    assert all(text == REFINED for text in rosa2.session.instructions.values())
+    assert requirements_of(rosa2.session.instructions) == {"draft": [REFINED], "final": [REFINED]}
     # 2 predictor calls + the reference answer for the stage that outputs `answer`.
     assert record.weights["num_responses"] == 3 and record.weights["applied"]
 
@@ -284,7 +292,7 @@ def test_a_served_actor_runs_the_text_only_modes():
         assert rosa2.session.adapter is None and result.rosa2.trajectory[0].weights is None
         system = actor.history[-1]["messages"][0]["content"]
         if mode == "prompt-only":  # the second turn ran under the refined words
-            assert set(result.rosa2.trajectory[1].instructions.values()) == {REFINED} and REFINED in system
+            assert requirements_of(result.rosa2.trajectory[1].instructions) == {"self": [REFINED]} and REFINED in system
         else:  # the words stay; the feedback comes back as a chat turn
             assert result.rosa2.trajectory[1].instructions == rosa2.original_instructions and REFINED not in system
             assert "Wrong: I want just the number." in actor.history[-1]["messages"][-1]["content"]
@@ -313,7 +321,7 @@ def test_embedded_model_runs_three_turns_for_cot_and_a_two_stage_pipeline(embedd
 def test_append_fallback_drops_feedback_sentences_that_quote_the_answer():
     from rosa2_dspy.words import InstructionRefiner
 
-    refine = InstructionRefiner(lm=refiner(""), fallback="append")
+    refine = InstructionRefiner(lm=rewriter(""), style="rewrite", fallback="append")
     answer = "You can use the format() function to create a string with the specified width"
     history = f"Turn 1 (reward 0.0): answer: {answer} | feedback: no"
     out = refine(instruction="Answer the question.", history=history,

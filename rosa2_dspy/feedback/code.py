@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
@@ -99,6 +100,18 @@ def _describe(exc):
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _where(exc, source):
+    """`` at `line`` for the last line of the candidate's code (``solution.py``) in the traceback, else ""."""
+    tb, lineno = exc.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "solution.py":
+            lineno = tb.tb_lineno
+        tb = tb.tb_next
+    if lineno is None or not 0 < lineno <= len(source) or not source[lineno - 1].strip():
+        return ""
+    return f" at `{source[lineno - 1].strip()[:200]}`"
+
+
 # Runs in the child: set the limits, then answer one JSON request per line on the pipe. The candidate may
 # take this loop over; that changes only what the child answers, never how the checker judges it.
 _SERVE = r'''
@@ -120,10 +133,12 @@ def serve():
         except (AttributeError, ValueError, OSError):
             pass
     namespace = {"__name__": "__main__"}
+    source = []
     for line in requests:
         try:
             kind, arg = _decode(line)
             if kind == "exec":
+                source = arg.splitlines()
                 exec(compile(arg, "solution.py", "exec"), namespace)
                 answer = ["value", None]
             elif kind == "get":
@@ -134,7 +149,7 @@ def serve():
                 answer = ["value", _encode(namespace[name](*args, **kwargs))]
             answer = json.dumps(answer)
         except BaseException as exc:
-            answer = json.dumps(["raised", _describe(exc)])
+            answer = json.dumps(["raised", _describe(exc) + _where(exc, source)])
         replies.write(answer.encode() + b"\n")
         replies.flush()
     os._exit(0)
@@ -142,7 +157,7 @@ def serve():
 serve()
 '''
 _CHILD_SOURCE = "import json, os, sys\n\n" + "\n".join(
-    inspect.getsource(f) for f in (_encode, _untag, _decode, _describe)) + _SERVE
+    inspect.getsource(f) for f in (_encode, _untag, _decode, _describe, _where)) + _SERVE
 
 # Runs as root inside fresh namespaces: a tmpfs root with read-only binds of the system and Python dirs,
 # then chroot and drop to nobody. The mounts die with the mount namespace; nothing is left on the host.
@@ -362,18 +377,50 @@ def _clip(message: str) -> str:
     return message if len(message) <= _MESSAGE_LIMIT else message[:_MESSAGE_LIMIT] + "…"
 
 
+def _is_test(node: ast.AST) -> bool:
+    """A scored test: an ``assert`` statement, or a compound statement (a loop of them) that holds one."""
+    return any(isinstance(inner, ast.Assert) for inner in ast.walk(node))
+
+
+def _failing_line(statement: str, exc: BaseException) -> int | None:
+    """The line of ``statement`` (1-based) where ``exc`` was raised from, as the test's own frame saw it."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != "tests.py":
+        tb = tb.tb_next
+    return tb.tb_lineno if tb is not None else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
 def _check(statement: str, namespace: dict[str, Any]) -> str | None:
-    """Run one test statement here; None if it passed, else its (truncated) error."""
+    """Run one test statement here; None if it passed, else its (truncated) error.
+
+    An assert that compares says what its left side gave (``got``); one inside a loop is named, with
+    the values of the plain variables it reads at the failing iteration.
+    """
     try:
         exec(compile(statement, "tests.py", "exec"), namespace)
         return None
     except Exception as exc:
         message = _clip(str(exc) if isinstance(exc, _CandidateError) else _describe(exc))
-        node = ast.parse(statement).body[0]
-        if isinstance(exc, AssertionError) and isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare):
+        tree = ast.parse(statement)
+        line = _failing_line(statement, exc)
+        node = max((n for n in ast.walk(tree) if isinstance(n, ast.Assert) and line is not None
+                    and n.lineno <= line <= (n.end_lineno or n.lineno)), key=lambda n: n.lineno, default=None)
+        if node is None:
+            return message
+        if node is not tree.body[0]:
+            names = sorted({n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in namespace
+                            and type(namespace[n.id]) in (bool, int, float, str, list, tuple, dict, set)})
+            values = ", ".join(f"{name} = {_shown(namespace[name])}" for name in names)
+            message += f" at `{ast.unparse(node)}`" + (f" with {values}" if values else "")
+        if isinstance(exc, AssertionError) and isinstance(node.test, ast.Compare):
             try:
-                got = repr(eval(compile(ast.Expression(node.test.left), "tests.py", "eval"), namespace))
-                message += f" (got {got[:200]})"
+                got = eval(compile(ast.Expression(node.test.left), "tests.py", "eval"), namespace)
+                message += f" (got {_shown(got)})"
             except Exception:
                 pass
         return message
@@ -387,6 +434,32 @@ def strip_fences(text: str | None) -> str:
     return (match.group(1) if match else text).strip("\n")
 
 
+def defines(code: str, name: str) -> bool:
+    """Whether ``code`` defines the function ``name`` at its top level (by its text, if it does not parse)."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return re.search(rf"^(async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name for node in tree.body)
+
+
+def complete_code(prompt: str, code: str, entry_point: str) -> str:
+    r"""The program a candidate completing a HumanEval-style ``prompt`` (imports, helpers, a stub) stands for.
+
+    A candidate that defines ``entry_point`` (the whole function, as a DSPy program usually writes it) runs
+    after the prompt, so the prompt's imports and helpers are there and its definition replaces the prompt's
+    stub; any other candidate is a body-only completion, indented under the prompt's last function (what
+    HumanEval's harness does with prompt + completion).
+
+    >>> complete_code("def inc(x):\n    'x + 1'\n", "return x + 1", "inc").splitlines()[-1]
+    '    return x + 1'
+    """
+    code = code.strip("\n")
+    if defines(code, entry_point):
+        return f"{prompt.rstrip()}\n\n\n{code}\n"
+    return prompt.rstrip("\n") + "\n" + textwrap.indent(textwrap.dedent(code), "    ") + "\n"
+
+
 def split_asserts(tests: str) -> list[str]:
     """Split a block of test statements into one source string per top-level statement."""
     try:
@@ -394,7 +467,7 @@ def split_asserts(tests: str) -> list[str]:
     except SyntaxError as err:
         raise ValueError(f"The example's tests are not valid Python ({err}); fix the dataset's 'tests' field.") from err
     statements = [ast.get_source_segment(tests, node) or ast.unparse(node) for node in tree.body]
-    if not any(isinstance(node, ast.Assert) for node in tree.body):
+    if not any(_is_test(node) for node in tree.body):
         raise ValueError("The example's tests contain no `assert` statement; write tests as `assert f(x) == y` lines.")
     return statements
 
@@ -407,13 +480,17 @@ class CodeVerifier:
     address space and a wall-clock ``timeout`` for the whole run. ``sandbox``: ``"auto"`` (namespaces when
     they work here, else a plain child process and one warning), ``"namespaces"`` (refuse to run without
     them) or ``"process"`` (always a plain child process). :attr:`protections` lists what is active.
+    With ``prompt_field``, the candidate completes the example's prompt (HumanEval's form): a whole function
+    or a body-only completion, see :func:`complete_code`.
     """
 
     def __init__(self, code_field: str = "code", tests_field: str = "tests", entry_point_field: str = "entry_point",
-                 timeout: float = 5.0, memory_mb: int | None = 512, sandbox: str = "auto") -> None:
+                 timeout: float = 5.0, memory_mb: int | None = 512, sandbox: str = "auto",
+                 prompt_field: str | None = None) -> None:
         if sandbox not in SANDBOXES:
             raise ValueError(f"sandbox must be one of {SANDBOXES}, got {sandbox!r}.")
         self.code_field, self.tests_field, self.entry_point_field = code_field, tests_field, entry_point_field
+        self.prompt_field = prompt_field
         self.timeout, self.memory_mb, self.sandbox = timeout, memory_mb, sandbox
         if sandbox == "namespaces":
             self._namespaced()
@@ -442,16 +519,20 @@ class CodeVerifier:
             raise ValueError(f"CodeVerifier needs assert statements in the example's '{self.tests_field}' field; "
                              "set tests_field= to the field that holds them.")
         statements = split_asserts(tests)
-        is_assert = [isinstance(ast.parse(s).body[0], ast.Assert) for s in statements]
+        is_test = [_is_test(ast.parse(s).body[0]) for s in statements]
         code = strip_fences(field_text(prediction, self.code_field))
         verdict = functools.partial(dspy.Prediction, protections=tuple(sorted(self.protections)))
         if not code.strip():
             return verdict(score=0.0, solved=False,
                            feedback="I could not find any code; reply with the Python function definition.")
-        outcome = self.run(code, statements, field_text(example, self.entry_point_field))
+        entry_point = field_text(example, self.entry_point_field)
+        prompt = field_text(example, self.prompt_field) if self.prompt_field else None
+        if prompt is not None and entry_point is not None:
+            code = complete_code(prompt, code, entry_point)
+        outcome = self.run(code, statements, entry_point)
         if "error" in outcome:
             return verdict(score=0.0, solved=False, feedback=outcome["error"])
-        results = [r for r, scored in zip(outcome["results"], is_assert, strict=True) if scored]
+        results = [r for r, scored in zip(outcome["results"], is_test, strict=True) if scored]
         passed = sum(r is None for r in results)
         score = passed / len(results) if results else 0.0
         failed = next(((s, r) for s, r in zip(statements, outcome["results"]) if r is not None), None)
@@ -459,7 +540,8 @@ class CodeVerifier:
             return verdict(score=score, solved=True, feedback=f"All {len(results)} tests passed.")
         if failed is None:
             return verdict(score=0.0, solved=False, feedback="The example has no tests to run.")
-        text = f"{passed} of {len(results)} tests passed. The first failure: `{failed[0]}` raised {failed[1]}."
+        shown = failed[0] if "\n" not in failed[0] else failed[0].splitlines()[0] + " …"
+        text = f"{passed} of {len(results)} tests passed. The first failure: `{shown}` raised {failed[1]}."
         if failed[1].startswith("MemoryError"):
             text += f" It ran out of memory (limit {self.memory_mb} MB)."
         return verdict(score=score, solved=False, feedback=text)

@@ -107,6 +107,12 @@ class SimulatedUser:
             return self.reveal
         return "answer" if turn >= self.reveal_after else "hint"
 
+    def reference_for(self, example: Any) -> dict[str, str] | None:
+        """The task's accepted answer as output-field values (``{answer_field: gold}``), what the ``answer``
+        protocol reveals; None when the example has no gold."""
+        gold = field_text(example, self.gold_field)
+        return None if gold is None else {self.answer_field: gold}
+
     def __call__(self, example: Any, prediction: Any, trace: Any = None,
                  history: list[Any] | None = None) -> dspy.Prediction:
         verdict = call_feedback(self.verifier, example, prediction, trace, history=history)
@@ -122,13 +128,13 @@ class SimulatedUser:
                 parts.append(f"What I meant: {intent.rstrip('.')}.")
         if level == "hint" or (level == "answer" and gold is None):
             hint = field_text(example, self.hint_field)
-            if hint is None and gold is not None:
+            if hint is None and gold is not None and "\n" not in gold:  # a multi-line gold is a solution, not a number
                 hint = numeric_hint(gold, field_text(prediction, self.answer_field))
             parts.append(f"Hint: {hint}" if hint else "Check your work step by step.")
         reference = verdict.reference
         if level == "answer" and gold is not None:
             multiline = "\n" in gold
             parts.append(f"Here is a correct solution:\n{gold}" if multiline else f"The correct answer is {gold}.")
-            reference = {self.answer_field: gold}
+            reference = self.reference_for(example)
         text = " ".join(p.strip() for p in parts if p and p.strip())
         return dspy.Prediction(score=verdict.score, solved=False, feedback=text, reference=reference)

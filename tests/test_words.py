@@ -1,0 +1,121 @@
+"""The words step's structured gradient: requirements merged into the instruction, never an answer."""
+
+from __future__ import annotations
+
+import json
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+
+from conftest import requirement_refiner, requirements_of
+from rosa2_dspy import ROSA2
+from rosa2_dspy.requirements import clean_feedback, forbidden_numbers, join, merge, rejection_reason, split
+from rosa2_dspy.words import InstructionRefiner, shipped_demos
+
+BASE = "Answer the question."
+
+
+def test_merge_adds_replaces_same_topic_drops_duplicates_and_keeps_the_newest():
+    first = merge(BASE, ["Give distances in meters."])
+    assert first.instruction == BASE + "\n\nRequirements:\n- Give distances in meters." and first.added
+    assert split(first.instruction) == (BASE, ["Give distances in meters."])
+    assert join(*split(first.instruction)) == first.instruction
+    again = merge(first.instruction, ["Give distances in meters"])  # the same, bar punctuation
+    assert again.duplicates and not again.changed and again.instruction == first.instruction
+    changed = merge(first.instruction, ["Give distances in kilometres, as a number followed by km."])
+    assert changed.replaced == ["Give distances in meters."]
+    assert split(changed.instruction)[1] == ["Give distances in kilometres, as a number followed by km."]
+    other = merge(changed.instruction, ["Write the whole answer in capital letters."])
+    assert len(split(other.instruction)[1]) == 2 and not other.replaced
+    three = ["Write in capital letters.", "Give distances in meters.", "End with a full stop."]
+    many = merge(BASE, three, max_requirements=2)
+    assert split(many.instruction)[1] == three[1:] and many.evicted == three[:1]
+
+
+def test_a_requirement_never_carries_a_specific_answer():
+    forbidden = forbidden_numbers(["(94)", "The answer is 90."], "Hint: like 12 kg. Use 2 decimal places.")
+    assert {"94", "90", "12"} <= forbidden and "2" not in forbidden
+    assert rejection_reason("The answer is (94).", forbidden) == "states a specific answer"
+    assert rejection_reason("Always write 94 in parentheses.", forbidden).startswith("copies a number")
+    assert rejection_reason("Write the weight with its unit, like 12 kg.", forbidden).startswith("copies a number")
+    assert rejection_reason("Round numbers to 2 decimal places.", forbidden) == ""
+    assert rejection_reason("Put the final answer in parentheses.", forbidden) == ""
+    assert "echoes" in rejection_reason("Say: the Eiffel Tower was completed in", set(),
+                                        ["The Eiffel Tower was completed in 1889 in Paris."])
+
+
+def test_clean_feedback_drops_quotes_of_the_answer_and_the_revealed_answer():
+    answer = "You can use the format() function to create a string with the specified width"
+    feedback = (f'No, that\'s not right. Your answer "{answer[:40]}..." is not what I meant. '
+                "What I meant: as a percentage, with the % sign. The correct answer is 25%.")
+    cleaned = clean_feedback(feedback, [answer], ["25%"])
+    assert cleaned == "No, that's not right. Your answer is not what I meant. What I meant: as a percentage, with the % sign."
+
+
+def test_the_refiner_merges_usable_requirements_and_rejects_the_answer():
+    lm = requirement_refiner("The answer is (94).", "Put the final answer in parentheses.", "Always answer with 94.")
+    refiner = InstructionRefiner(lm=lm)
+    out = refiner(instruction=BASE, feedback="No. The correct answer is (94). Put it in parentheses, please.",
+                  answers=["90"], reference=["(94)"], inputs=["What is 47 * 2?"])
+    assert out.source == "lm" and out.accepted and out.added == ["Put the final answer in parentheses."]
+    assert "94" not in out.refined_instruction
+    assert [why for _, why in out.rejected] == ["states a specific answer", "copies a number of a specific question or answer"]
+    # What the refiner's LM was shown: the feedback without the revealed answer.
+    shown = json.dumps(lm.history[-1]["messages"])
+    assert "(94)" not in shown and "Put it in parentheses" in shown
+
+
+def test_the_append_fallback_merges_the_cleaned_feedback_without_the_answer():
+    failing = DummyLM([{"requirements": "not a list at all ["}] * 4)  # DSPy cannot parse it: an LM error path
+    refiner = InstructionRefiner(lm=failing, fallback="append")
+    out = refiner(instruction=BASE, feedback="No, that's not right. The correct answer is 94. Put it in parentheses.",
+                  reference=["94"])
+    assert out.source == "append" and out.reason
+    assert requirements_of({"p": out.refined_instruction}) == {"p": ["The user said: Put it in parentheses."]}
+    keep = InstructionRefiner(lm=failing, fallback="keep")(instruction=BASE, feedback="Put it in parentheses.")
+    assert keep.source == "kept" and keep.refined_instruction == BASE and not keep.accepted
+
+
+def test_shipped_demos_are_attached_and_the_nearest_are_shown_last():
+    demos = shipped_demos()
+    assert len(demos) >= 10 and all(d.requirements for d in demos)
+    refiner = InstructionRefiner(lm=requirement_refiner("Write percentages with the % sign."), num_demos=3)
+    assert len(refiner.predict.demos) == len(demos)
+    nearest = refiner._nearest_demos("What I meant: as a percentage, with the % sign.")
+    assert len(nearest) == 3 and "percentage" in nearest[-1].feedback
+    refiner(instruction=BASE, feedback="What I meant: as a percentage, with the % sign.")
+    shown = json.dumps(refiner.refiner_lm.history[-1]["messages"])
+    assert nearest[-1].feedback.replace('"', '\\"') in shown
+    assert not InstructionRefiner(num_demos=0)._nearest_demos("anything")
+
+
+def test_a_session_carried_over_from_a_revealed_answer_does_not_inherit_it(tiny_lm):
+    """After a conversation in which the user revealed the answer, the carried-over session's words hold the
+    user's requirement but not the answer, so the model is never told to answer a new question with it."""
+    def user(example, prediction, trace=None):
+        return dspy.Prediction(score=0.0, feedback="No. The correct answer is (94). Put the answer in parentheses.",
+                               reference={"answer": "(94)"})
+
+    pasting = requirement_refiner("The answer is (94).", "Put the final answer in parentheses.", "Answer (94).")
+    rosa2 = ROSA2(dspy.Predict("question -> answer"), tiny_lm, user, mode="joint", refiner_lm=pasting, max_turns=2)
+    first = rosa2.interact(dspy.Example(question="What is 47 * 2?").with_inputs("question"))
+    taught = first.rosa2.session_id
+    assert requirements_of(rosa2.sessions[taught].instructions) == {"self": ["Put the final answer in parentheses."]}
+    carried = rosa2.start_session(carry_over_from=taught)
+    with rosa2.in_session(carried):
+        rosa2(question="What is 13 * 3?")
+    system = tiny_lm.history[-1]["messages"][0]["content"]
+    assert "parentheses" in system and "94" not in system
+
+
+@pytest.mark.integration
+def test_the_embedded_refiner_writes_a_usable_requirement(embedded_lm):
+    """The 135M model with the shipped demos turns a user's stated intent into a requirement (greedy)."""
+    refiner = InstructionRefiner(lm=embedded_lm.copy(max_tokens=64))
+    out = refiner(instruction="Given the fields `question`, produce the fields `answer`.",
+                  feedback="No, that's not right. Your answer is not what I meant. "
+                           "What I meant: the distance in meters, written as a number followed by the unit m.",
+                  inputs=["How far is 3 km?"])
+    assert out.source == "lm", out.reason
+    assert any("meter" in r.lower() for r in out.added)
