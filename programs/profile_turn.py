@@ -165,6 +165,7 @@ def profile_state(policy: LoRAPolicy, weights: dict[str, Any], state: dict[str, 
     times["old step"] = times["grad"] + times["kl"] + times["after"]
     prompt = len(policy._prompt_ids(responses[0].messages))
     return {
+        "conversation turn": sum(r.source != "reference" for r in responses),  # one answer per turn (Predict)
         "responses": len(responses), "prompt tokens": prompt,
         "response tokens": [len(policy._response_ids(r.completion)) for r in responses],
         "backtracks": step.backtracks, "applied": step.applied, **{f"{k} s": v for k, v in times.items()},
@@ -194,14 +195,14 @@ def main(argv: list[str] | None = None) -> None:
         states = states[: args.states]
     rows = []
     for turn, state in enumerate(states, 1):
-        rows.append({"turn": turn, **profile_state(actor.policy, config.get("weights", {}), state, args.repeats)})
+        rows.append({"state": turn, **profile_state(actor.policy, config.get("weights", {}), state, args.repeats)})
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     ratios = {key: statistics.median(r[key] for r in rows if key in r)
               for key in ("step / old step",)}
     totals = {key: sum(r[key] for r in rows if key in r) for key in rows[0] if key.endswith(" s")}
     write_results("profile_turn", rows, extra={"config": args.config, "repeats": args.repeats,
                                               "median": ratios, "sum over turns (s)": totals},
-                  columns=["turn", "responses", "prompt tokens", "grad s", "kl s", "after s", "old step s", "step s",
+                  columns=["state", "conversation turn", "responses", "prompt tokens", "grad s", "kl s", "after s", "old step s", "step s",
                            "step, no measure_after s", "compare_words s", "forward s", "forward shared prefix s",
                            "grad forward s", "step / old step"])
 

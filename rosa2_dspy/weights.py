@@ -15,10 +15,10 @@ the step, over the turn's own prompt and answer, must stay within ``max_kl``, el
 (a backtracking line search, as trust-region policy methods do) up to ``max_backtracks`` times and
 then not applied. Each record says the KL and how often the step was halved.
 
-Passes per step (no backtrack): one batched forward + backward over the n responses, which also keeps the
-"before" hidden states of the turn's own answer(s); then one forward over the n responses under the new
-adapter, which gives ``logprob_after`` and the "after" side of the KL at once (``measure_after=False``: the
-answer(s) only). Each halving is one more such forward.
+Passes per step: one batched forward + backward over the n responses, which also keeps the "before" hidden
+states of the turn's own answer(s); one forward of those answers under the new adapter, which gives the
+"after" side of the KL and their ``logprob_after`` (each halving repeats it); with ``measure_after``, one
+forward of the other responses under the accepted adapter. So the check costs no forward of its own.
 
 Choices (ours, documented here):
 
@@ -262,23 +262,27 @@ class WeightOptimizer(Teleprompter):
 
         The "before" side comes from ``states`` (the anchors' hidden states under ``before``, kept by the
         step's own gradient pass; one extra forward if the step kept none). Each candidate costs one forward
-        under ``before + Δθ``, over every response when ``measure_after`` (that pass is also
-        ``logprob_after``), else over the anchors only."""
+        of the anchors under ``before + Δθ``, whose log-probs are also their ``logprob_after``; with
+        ``measure_after``, the accepted step adds one forward of the other responses."""
         if states is None or set(states) != set(anchors):
             _, _, kept = self._logprobs(policy, [responses[i] for i in anchors], False, before, range(len(anchors)))
             states = {i: kept[j] for j, i in enumerate(anchors)}
-        rows = list(range(len(responses))) if self.measure_after else anchors
-        pairs = [(responses[i].messages, responses[i].completion) for i in rows]
-        references = [states.get(i) for i in rows]
+        pairs = [(responses[i].messages, responses[i].completion) for i in anchors]
+        references = [states[i] for i in anchors]
         delta = record.delta
         for halvings in range(self.max_backtracks + 1):
             results = policy.logprobs(pairs, adapter=before + delta, references=references)
-            record.kl = max(lp.kl for lp in results if lp.kl is not None)
+            record.kl = max(lp.kl for lp in results)
             if record.kl <= self.max_kl:
                 record.backtracks = halvings
                 record.delta, record.delta_norm = delta, float(delta.double().norm())
                 if self.measure_after:
-                    record.logprob_after = [self._value(lp) for lp in results]
+                    after = {i: self._value(lp) for i, lp in zip(anchors, results)}
+                    rest = [i for i in range(len(responses)) if i not in after]
+                    if rest:
+                        values, _, _ = self._logprobs(policy, [responses[i] for i in rest], False, before + delta)
+                        after.update(zip(rest, values))
+                    record.logprob_after = [after[i] for i in range(len(responses))]
                 return
             if halvings < self.max_backtracks:
                 delta = delta * 0.5

@@ -211,28 +211,33 @@ def test_the_kl_check_and_logprob_after_ride_on_the_steps_passes_and_equal_separ
     # The same Δθ as without the check, and no pass beyond the step's own and one under the new adapter.
     assert step.applied and step.backtracks == 0
     assert torch.equal(step.delta, unchecked.delta)
-    assert made == {"generate": 0, "score": step.iterations + 1, "divergence": 0}
+    assert made == {"generate": 0, "score": step.iterations + 1 + measure_after, "divergence": 0}
     after = before + step.delta
     assert torch.equal(step.adapter, after) and torch.equal(policy.adapter_vector(), before)
     # KL: what policy.divergence computes in passes of its own, before and after, over this turn's answer.
     assert step.kl > 0
     assert step.kl == pytest.approx(policy.divergence([pairs[2]], before, after)[0], rel=1e-5)
-    # logprob_after: a separate pass under the new adapter, bit for bit.
+    # logprob_after: what a separate pass under the new adapter gives.
     if measure_after:
-        assert step.logprob_after == [lp.total for lp in policy.logprobs(pairs, adapter=after)]
+        assert step.logprob_after == pytest.approx([lp.total for lp in policy.logprobs(pairs, adapter=after)],
+                                                   rel=1e-6)
     else:
         assert step.logprob_after == []
 
 
 def test_after_backtracking_logprob_after_is_measured_under_the_halved_step(policy):
+    """Each halving forwards only this turn's answer; the other responses once, under the accepted step."""
     before, chosen = policy.adapter_vector(), conversation()
     huge = ROSAStep(beta=0.5, ridge=1e-8, max_norm=1e6, max_kl=None).step(policy, chosen, apply=False)
     bound = policy.divergence([(chosen[2].messages, chosen[2].completion)], before, before + huge.delta)[0] / 20
+    passes = policy.batcher.passes["score"]
     step = ROSAStep(beta=0.5, ridge=1e-8, max_norm=1e6, max_kl=bound, max_backtracks=12).step(policy, chosen)
     assert step.applied and step.backtracks > 0 and step.kl <= bound
+    assert policy.batcher.passes["score"] - passes == 1 + (step.backtracks + 1) + 1
     after = policy.adapter_vector()
     assert torch.equal(after, before + huge.delta / 2**step.backtracks)
-    assert step.logprob_after == [lp.total for lp in policy.logprobs([(r.messages, r.completion) for r in chosen])]
+    pairs = [(r.messages, r.completion) for r in chosen]
+    assert step.logprob_after == pytest.approx([lp.total for lp in policy.logprobs(pairs)], rel=1e-6)
 
 
 def test_a_score_pass_keeps_hidden_states_and_measures_kl_from_them(policy):
