@@ -101,8 +101,9 @@ def _first_solved(trajectory: Sequence[TurnRecord]) -> int | None:
 
 def words_summary(trajectories: Sequence[Sequence[TurnRecord]]) -> dict[str, Any]:
     """What the words steps did (issue: "measure it"): over every predictor's words step, the share whose
-    refiner output changed the instruction (``used``: source ``lm``), that fell back to appending the
-    feedback (``appended``) or kept the instruction (``kept``), the reasons the refiner's output was not
+    refiner output was used (``used``: source ``lm``, merged into the instruction; ``changed``: of all steps,
+    those whose instruction changed at all, from any source), that fell back to appending the feedback
+    (``appended``) or kept the instruction (``kept``), the reasons the refiner's output was not
     used (counts), requirements rejected by reason, and the instruction's length (characters, all
     predictors) at the start of each turn, averaged over interactions that reached that turn."""
     steps = [w for t in trajectories for r in t for w in r.words.values()]
@@ -122,6 +123,7 @@ def words_summary(trajectories: Sequence[Sequence[TurnRecord]]) -> dict[str, Any
     return {
         "steps": n,
         "used": sum(w.get("source") == "lm" for w in steps) / n if n else None,
+        "changed": sum(bool(w.get("accepted")) for w in steps) / n if n else None,
         "appended": sum(w.get("source") == "append" for w in steps) / n if n else None,
         "kept": sum(w.get("source") == "kept" for w in steps) / n if n else None,
         "not_used_reasons": reasons,

@@ -126,8 +126,9 @@ class InstructionRefiner(dspy.Module):
 
     def forward(self, instruction: str, feedback: str, history: str = "", answers: Sequence[str] = (),
                 reference: Sequence[str] = (), inputs: Sequence[str] = ()) -> dspy.Prediction:
-        """Returns ``refined_instruction``, ``accepted`` (did the instruction change), ``source`` (``lm``,
-        ``append`` or ``kept``), ``reason`` (why the LM's output was not used, "" if it was), ``diagnosis``
+        """Returns ``refined_instruction``, ``accepted`` (did the instruction change), ``source`` (``lm``: the
+        LM's output was used, even if all it proposed was already stated; ``append``; ``kept``), ``reason``
+        (why the LM's output was not used, "" if it was), ``diagnosis``
         and, for ``"requirements"``, ``requirements`` (the LM's list), ``added``, ``replaced`` and
         ``rejected`` (``[requirement, reason]`` pairs).
 
@@ -157,8 +158,8 @@ class InstructionRefiner(dspy.Module):
         merged = requirements.merge(instruction, usable, self.max_requirements)
         if merged.changed:
             return self._result(merged, "lm", "", proposed, rejected)
-        if usable:  # everything it said is already stated: nothing to change, nothing to fall back to
-            return self._result(merged, "kept", "no new requirement (all already stated)", proposed, rejected)
+        if usable:  # usable, but all already stated: the LM's output is used and changes nothing
+            return self._result(merged, "lm", "", proposed, rejected)
         reason = "; ".join(sorted({why for _, why in rejected})) or "no requirement proposed"
         return self._fall_back(instruction, said, history, reason, answers, forbidden, proposed, rejected)
 

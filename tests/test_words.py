@@ -67,7 +67,7 @@ def test_the_refiner_merges_usable_requirements_and_rejects_the_answer():
 
 
 def test_the_append_fallback_merges_the_cleaned_feedback_without_the_answer():
-    failing = DummyLM([{"requirements": "not a list at all ["}] * 4)  # DSPy cannot parse it: an LM error path
+    failing = DummyLM([{"requirements": "not a list ["}] * 4)  # no usable requirement in it
     refiner = InstructionRefiner(lm=failing, fallback="append")
     out = refiner(instruction=BASE, feedback="No, that's not right. The correct answer is 94. Put it in parentheses.",
                   reference=["94"])
@@ -119,3 +119,22 @@ def test_the_embedded_refiner_writes_a_usable_requirement(embedded_lm):
                   inputs=["How far is 3 km?"])
     assert out.source == "lm", out.reason
     assert any("meter" in r.lower() for r in out.added)
+
+
+def test_a_requirement_already_stated_is_used_without_changing_the_instruction_and_summaries_count_it():
+    from rosa2_dspy.records import TurnRecord, words_summary
+
+    refiner = InstructionRefiner(lm=requirement_refiner("Put the final answer in parentheses."))
+    first = refiner(instruction=BASE, feedback="Put it in parentheses.")
+    again = refiner(instruction=first.refined_instruction, feedback="Parentheses, please!")
+    assert (first.source, first.accepted) == ("lm", True)
+    assert (again.source, again.accepted, again.refined_instruction) == ("lm", False, first.refined_instruction)
+    kept = InstructionRefiner(lm=DummyLM([{"requirements": "[unparsable"}] * 2))(instruction=BASE, feedback="Meters.")
+    records = [TurnRecord(turn=k + 1, mode="prompt-only", instructions={"p": text}, outputs={"answer": "x"},
+                          words={"p": {"source": out.source, "accepted": out.accepted, "reason": out.reason,
+                                        "rejected": out.rejected}})
+               for k, (text, out) in enumerate([(BASE, first), (first.refined_instruction, again), (BASE, kept)])]
+    summary = words_summary([records])
+    assert summary["steps"] == 3 and summary["used"] == 2 / 3 and summary["changed"] == 1 / 3
+    assert summary["kept"] == 1 / 3 and summary["not_used_reasons"] == {"not a requirement (too few words)": 1}
+    assert summary["instruction_chars_per_turn"] == [len(BASE), len(first.refined_instruction), len(BASE)]
