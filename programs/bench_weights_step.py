@@ -80,6 +80,11 @@ def scored_responses(policy: LoRAPolicy, question: str, gold: str) -> list[Score
     return [ScoredResponse(messages, reference, 1.0, "reference"), ScoredResponse(messages, own, 0.0, "current")]
 
 
+def after(policy: LoRAPolicy, responses: list[ScoredResponse]) -> list[float]:
+    """Summed log-probs of ``responses`` under the policy's current adapter (no gradient)."""
+    return [lp.total for lp in policy.logprobs([(r.messages, r.completion) for r in responses])]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded")
@@ -100,14 +105,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for question, gold in PROBLEMS:
         responses = scored_responses(policy, question, gold)
-        rosa = ROSAStep(beta=args.beta, max_norm=args.max_norm)
+        # Timed: each method's update, its KL check included; the log-probs after it (a diagnostic that
+        # ROSA2 records by default, one forward over the responses) are measured apart, untimed.
+        rosa = ROSAStep(beta=args.beta, max_norm=args.max_norm, measure_after=False)
         with PeakMemory(policy.device) as rosa_memory:
             rosa_step = rosa.step(policy, responses)
+        rosa_step.logprob_after = after(policy, responses)
         rosa.rollback(policy)
         gain = rosa_step.logprob_change[0]
-        ttt = IterativeTTT(beta=args.beta, lr=args.ttt_lr, steps=args.ttt_max_steps, target_gain=gain)
+        ttt = IterativeTTT(beta=args.beta, lr=args.ttt_lr, steps=args.ttt_max_steps, target_gain=gain,
+                           measure_after=False)
         with PeakMemory(policy.device) as ttt_memory:
             ttt_step = ttt.step(policy, responses)
+        ttt_step.logprob_after = after(policy, responses)
         ttt.rollback(policy)
         rows.append({
             "question": question,
