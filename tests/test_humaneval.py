@@ -7,7 +7,6 @@ The sandbox's own attacks are in test_sandbox.py; here each attack goes through 
 from __future__ import annotations
 
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
@@ -51,12 +50,10 @@ def test_all_164_problems_load_offline_with_their_fields(monkeypatch) -> None:
 
 def test_every_canonical_solution_passes_in_the_sandbox(tasks) -> None:
     verifier = CodeVerifier(prompt_field="prompt")
-    started = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
         verdicts = dict(zip(tasks, pool.map(lambda e: verifier(e, dspy.Prediction(code=e.reference)), tasks.values())))
     failed = {task_id: v.feedback for task_id, v in verdicts.items() if not (v.solved and v.score == 1.0)}
     assert failed == {}
-    assert time.monotonic() - started < 60
 
 
 def test_a_body_only_completion_and_a_whole_function_both_work(tasks) -> None:

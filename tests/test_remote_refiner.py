@@ -143,7 +143,7 @@ def test_a_refiner_slower_than_its_timeout_ends_the_words_step_at_the_timeout(op
     record = rosa2.adapt("Write the number in words, please.")
     elapsed = time.monotonic() - start
 
-    assert 0.5 <= elapsed < 10, elapsed  # waited for the timeout, not for the server's 60 s
+    assert 0.5 <= elapsed < 40, elapsed  # waited for the timeout, not for the server's 60 s (margin for a loaded machine)
     assert len(openai_stub.requests) == 1
     words = record.words[name]
     assert "timed out" in words["reason"].lower() and issubclass(_error_class(words["reason"]), dspy.LMError)
