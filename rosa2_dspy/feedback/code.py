@@ -350,9 +350,20 @@ def _warn_fallback(why: str) -> None:
     warnings.warn(text, RuntimeWarning, stacklevel=4)
 
 
+# CPython 3.11's AST constructor is not thread-safe: threads parsing at once can raise "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython#106905; seen here with 4 verifier threads on HumanEval).
+# Experiments verify on a thread pool, so every parse in this process takes this lock.
+_AST_LOCK = threading.Lock()
+
+
+def _parse(source: str) -> ast.Module:
+    with _AST_LOCK:
+        return ast.parse(source)
+
+
 def _free_names(statements: list[str], entry_point: str | None) -> list[str]:
     """Names the tests read that are not built-ins: those the candidate's code may define."""
-    names = {node.id for s in statements for node in ast.walk(ast.parse(s))
+    names = {node.id for s in statements for node in ast.walk(_parse(s))
              if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and not hasattr(builtins, node.id)}
     return sorted(names | ({entry_point} if entry_point else set()))
 
@@ -406,7 +417,7 @@ def _check(statement: str, namespace: dict[str, Any]) -> str | None:
         return None
     except Exception as exc:
         message = _clip(str(exc) if isinstance(exc, _CandidateError) else _describe(exc))
-        tree = ast.parse(statement)
+        tree = _parse(statement)
         line = _failing_line(statement, exc)
         node = max((n for n in ast.walk(tree) if isinstance(n, ast.Assert) and line is not None
                     and n.lineno <= line <= (n.end_lineno or n.lineno)), key=lambda n: n.lineno, default=None)
@@ -419,7 +430,9 @@ def _check(statement: str, namespace: dict[str, Any]) -> str | None:
             message += f" at `{ast.unparse(node)}`" + (f" with {values}" if values else "")
         if isinstance(exc, AssertionError) and isinstance(node.test, ast.Compare):
             try:
-                got = eval(compile(ast.Expression(node.test.left), "tests.py", "eval"), namespace)
+                with _AST_LOCK:  # compiling an AST object converts it back: the same thread-unsafe code
+                    left = compile(ast.Expression(node.test.left), "tests.py", "eval")
+                got = eval(left, namespace)
                 message += f" (got {_shown(got)})"
             except Exception:
                 pass
@@ -437,7 +450,7 @@ def strip_fences(text: str | None) -> str:
 def defines(code: str, name: str) -> bool:
     """Whether ``code`` defines the function ``name`` at its top level (by its text, if it does not parse)."""
     try:
-        tree = ast.parse(code)
+        tree = _parse(code)
     except SyntaxError:
         return re.search(rf"^(async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
     return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name for node in tree.body)
@@ -463,7 +476,7 @@ def complete_code(prompt: str, code: str, entry_point: str) -> str:
 def split_asserts(tests: str) -> list[str]:
     """Split a block of test statements into one source string per top-level statement."""
     try:
-        tree = ast.parse(tests)
+        tree = _parse(tests)
     except SyntaxError as err:
         raise ValueError(f"The example's tests are not valid Python ({err}); fix the dataset's 'tests' field.") from err
     statements = [ast.get_source_segment(tests, node) or ast.unparse(node) for node in tree.body]
@@ -519,7 +532,7 @@ class CodeVerifier:
             raise ValueError(f"CodeVerifier needs assert statements in the example's '{self.tests_field}' field; "
                              "set tests_field= to the field that holds them.")
         statements = split_asserts(tests)
-        is_test = [_is_test(ast.parse(s).body[0]) for s in statements]
+        is_test = [_is_test(_parse(s).body[0]) for s in statements]
         code = strip_fences(field_text(prediction, self.code_field))
         verdict = functools.partial(dspy.Prediction, protections=tuple(sorted(self.protections)))
         if not code.strip():
