@@ -35,6 +35,8 @@ _BLOCK = re.compile(r"\n*^" + re.escape(HEADER) + r"[ \t]*$", re.MULTILINE)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _STATES_ANSWER = re.compile(r"\b(?:correct|right|final|the)\s+(?:answer|result|solution)\s+(?:is|was|=|:)\s*\S",
                             re.IGNORECASE)
+_COMPLAINT = re.compile(r"\b(?:is|was|are|were)\s+(?:wrong|incorrect|not (?:right|correct|what i meant))\b",
+                        re.IGNORECASE)
 _FIELD_MARKER = re.compile(r"\[+\s*#|#+\s*\]+")
 # Words that say nothing about *which* requirement it is: two requirements sharing only these are unrelated.
 _GENERIC = frozenset("""a an the and or of to in on at as by for with without from into after before every each all
@@ -137,6 +139,8 @@ def rejection_reason(requirement: str, forbidden: set[str], answers: Sequence[st
         return "leaks format markers or code"
     if _STATES_ANSWER.search(text):
         return "states a specific answer"
+    if _COMPLAINT.search(text):
+        return "a complaint, not a requirement"
     if any(_canonical(n) in forbidden for n in _NUMBER.findall(text)):
         return "copies a number of a specific question or answer"
     if _echoes(text, answers):

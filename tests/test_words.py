@@ -41,6 +41,7 @@ def test_a_requirement_never_carries_a_specific_answer():
     assert rejection_reason("Write the weight with its unit, like 12 kg.", forbidden).startswith("copies a number")
     assert rejection_reason("Round numbers to 2 decimal places.", forbidden) == ""
     assert rejection_reason("Put the final answer in parentheses.", forbidden) == ""
+    assert rejection_reason("The answer to the question is wrong.", forbidden) == "a complaint, not a requirement"
     assert "echoes" in rejection_reason("Say: the Eiffel Tower was completed in", set(),
                                         ["The Eiffel Tower was completed in 1889 in Paris."])
 
