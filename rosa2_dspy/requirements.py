@@ -155,6 +155,11 @@ def _echoes(text: str, answers: Sequence[str], span: int = 30) -> bool:
     return any(compact[i : i + span] in a for i in range(0, max(len(compact) - span + 1, 0), 5) for a in past)
 
 
+def sentences(text: str) -> list[str]:
+    """The non-empty sentences of ``text`` (split after ``.``, ``!`` or ``?`` and whitespace)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
 def clean_feedback(feedback: str, answers: Sequence[str] = (), reference: Iterable[str] = ()) -> str:
     """The user's message without what is no requirement: quotes of the model's own answers (``"..."``
     spans whose text starts one of ``answers``) and sentences that state a revealed ``reference``."""
@@ -166,7 +171,6 @@ def clean_feedback(feedback: str, answers: Sequence[str] = (), reference: Iterab
 
     text = re.sub(r"\"([^\"]*)\"\s?", unquote, feedback)
     values = [" ".join(str(v).split()) for v in reference if str(v).strip()]
-    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
-    kept = [s for s in sentences if not any(v and v in " ".join(s.split()) for v in values)
+    kept = [s for s in sentences(text) if not any(v and v in " ".join(s.split()) for v in values)
             and not _STATES_ANSWER.search(s) and not s.lower().startswith("here is a correct solution")]
-    return " ".join(s for s in kept if s).strip()
+    return " ".join(kept).strip()

@@ -115,8 +115,8 @@ class InstructionRefiner(dspy.Module):
             raise ValueError(f"style must be 'requirements' or 'rewrite', got {style!r}.")
         self.style = style
         if style == "requirements":
-            self.predict = LabeledFewShot(k=len(shipped_demos())).compile(
-                dspy.Predict(MissingRequirements), trainset=shipped_demos())
+            demos = shipped_demos()
+            self.predict = LabeledFewShot(k=len(demos)).compile(dspy.Predict(MissingRequirements), trainset=demos)
         else:
             self.predict = dspy.Predict(RefineInstruction)
         self.refiner_lm = lm
@@ -153,13 +153,12 @@ class InstructionRefiner(dspy.Module):
             logger.warning("Refiner failed (%s: %s).", type(err).__name__, err)
             return self._fall_back(instruction, said, history, f"refiner error: {type(err).__name__}: {err}",
                                    answers, forbidden)
-        rejected = [[r, why] for r in proposed if (why := requirements.rejection_reason(r, forbidden, answers))]
-        usable = [r for r in proposed if not requirements.rejection_reason(r, forbidden, answers)]
-        merged = requirements.merge(instruction, usable, self.max_requirements)
-        if merged.changed:
-            return self._result(merged, "lm", "", proposed, rejected)
-        if usable:  # usable, but all already stated: the LM's output is used and changes nothing
-            return self._result(merged, "lm", "", proposed, rejected)
+        reasons = [requirements.rejection_reason(r, forbidden, answers) for r in proposed]
+        rejected = [[r, why] for r, why in zip(proposed, reasons) if why]
+        usable = [r for r, why in zip(proposed, reasons) if not why]
+        if usable:  # merged; if all of it was already stated, the LM's output is used and changes nothing
+            return self._result(requirements.merge(instruction, usable, self.max_requirements), "lm", "", proposed,
+                                rejected)
         reason = "; ".join(sorted({why for _, why in rejected})) or "no requirement proposed"
         return self._fall_back(instruction, said, history, reason, answers, forbidden, proposed, rejected)
 
@@ -229,7 +228,7 @@ class InstructionRefiner(dspy.Module):
                    forbidden: set[str] | None = None, proposed: list[str] | None = None,
                    rejected: list[list[str]] | None = None, diagnosis: str = "") -> dspy.Prediction:
         # Sentences of the feedback that quote the model's earlier answers are no requirement: drop them.
-        kept = [s for s in re.split(r"(?<=[.!?])\s+", feedback.strip()) if s and not _echoes(s, history, span=30)]
+        kept = [s for s in requirements.sentences(feedback) if not _echoes(s, history, span=30)]
         said = " ".join(kept)
         if self.style == "requirements":
             # Each remaining sentence must itself be fit for the words (no example values, no answers).
