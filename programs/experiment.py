@@ -9,7 +9,7 @@ and ``results/<name>.png`` (accuracy over turns, like the paper's Figure 2a).
 Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by name, not code::
 
     {"name": "...", "task": "intent", "limit": 8, "spread": false, "program": "predict", "modes": [...],
-     "generator": {"split": "test", "seed": 0},
+     "split": "test", "seed": 0,
      "max_turns": 4, "concurrency": 8,
      "actor": {"model": "embedded", "device": "cpu", "dtype": "float32", "max_tokens": 64,
                "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
@@ -27,9 +27,9 @@ served one ``LenientChatAdapter``.
 (the Theorem 4.1 comparison): one more gradient pass per turn, as costly as the step's own (see
 ``programs.profile_turn``), timed apart (``compare_words``), not as adaptation; false skips it.
 
-``generator`` (generated tasks only, ``math``: see ``programs.mathgen``) picks the problems: ``split``
-``"test"`` (what the shipped configs report on) or ``"dev"`` (for tuning), and ``seed``; ``limit`` is
-their number. Examples that carry ``steps`` (the generated math problems) are also reported by step
+``split`` and ``seed`` (generated tasks only: ``math``, see ``programs.mathgen``; ``intentgen``, which also
+takes ``per_kind``) pick the problems: ``split`` ``"test"`` (what the shipped configs report on) or ``"dev"``
+(for tuning); ``limit`` is their number. Examples that carry ``steps`` (the generated math problems) are also reported by step
 count: ``results["by_steps"][mode][steps]`` is the share solved by the last turn, with its interval.
 
 ``concurrency`` (default 8; ``--concurrency``) is how many conversations run at once: every (mode, task)
@@ -196,9 +196,8 @@ ORACLE = "oracle"
 
 
 def task_examples(config: dict[str, Any]) -> list[dspy.Example]:
-    """The config's tasks: ``task``, ``limit``, ``spread``, and for generated tasks ``split``, ``seed``, ``per_kind``
-    (top-level keys or a ``generator`` block)."""
-    options = {**config.get("generator", {}), **{k: config[k] for k in ("split", "seed", "per_kind") if k in config}}
+    """The config's tasks: ``task``, ``limit``, ``spread``, and for generated tasks ``split``, ``seed``, ``per_kind``."""
+    options = {k: config[k] for k in ("split", "seed", "per_kind") if k in config}
     return load_task(config.get("task", "intent"), limit=config.get("limit"), spread=config.get("spread", False),
                      **options)
 

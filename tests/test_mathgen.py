@@ -140,7 +140,7 @@ def test_accuracy_by_steps_in_the_analysis_and_reanalysis(tmp_path, monkeypatch)
 
 
 def test_experiment_reads_the_generator_settings_and_records_steps(tiny_model_dir, tmp_path) -> None:
-    config = {"name": "tiny_math", "task": "math", "limit": 5, "generator": {"split": "dev", "seed": 1},
+    config = {"name": "tiny_math", "task": "math", "limit": 5, "split": "dev", "seed": 1,
               "modes": ["static"], "max_turns": 1, "concurrency": 2,
               "actor": {"model": str(tiny_model_dir), "max_tokens": 4}}
     progress = tmp_path / "tiny_math.partial.jsonl"
