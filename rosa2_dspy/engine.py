@@ -3,9 +3,9 @@
 Batched passes over a :class:`~rosa2_dspy.policy.LoRAPolicy`, all built on
 :class:`~rosa2_dspy.multi_lora.MultiLoRA` (one base-model pass plus a per-row low-rank term):
 
-* :func:`generate_rows` — left-padded prompts, attention mask, a KV cache; greedy or sampled, with a
-  per-row token budget. Rows finish independently: a finished row is dropped from the batch (and from
-  the cache), so it stops costing compute.
+* :func:`generate_rows` / :class:`~rosa2_dspy.decoding.DecodeBatch` (in :mod:`rosa2_dspy.decoding`) —
+  batched decoding, greedy or sampled, with a per-row token budget; prompts are prefilled in groups of
+  similar length, rows finish independently and new rows can join a running decode.
 * :func:`score_rows` — ``log pi(y | x)`` of (prompt, response) rows, right-padded (so every real token
   sees exactly what it would alone), and, on request, every row's gradient with respect to its own
   adapter copy: one forward and one backward give all per-sample gradients. A row may also keep its
@@ -18,14 +18,15 @@ Batched passes over a :class:`~rosa2_dspy.policy.LoRAPolicy`, all built on
 :class:`Batcher` coalesces concurrent requests (threads, or asyncio through threads) into those
 passes: one worker thread takes the first request, waits up to ``wait_ms`` for more of the same kind
 (up to ``max_batch`` rows, ``max_score_tokens`` tokens for scoring), runs one pass and hands each caller
-its rows. A request that arrives while a pass runs joins the next one. If a batched pass fails, each
+its rows. Generation is continuous: while a decode runs, generation requests that arrive join it
+between token steps (up to ``max_batch`` rows), and each caller gets its answer when its own rows end;
+a waiting scoring request stops new rows from joining, so it runs as soon as the decode drains.
+Scoring requests that arrive while a pass runs join the next one. If a batched pass fails, each
 request is rerun alone, so one bad request fails only its own caller.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import queue
 import threading
@@ -37,35 +38,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from rosa2_dspy.decoding import DecodeBatch, Generation, GenerationRow, generate_rows
+from rosa2_dspy.multi_lora import stack_adapters
+
+__all__ = ["Batcher", "DivergenceRow", "Generation", "GenerationRow", "LogProb", "ModelBackend", "ScoreRow",
+           "divergence_rows", "generate_rows", "score_rows", "score_width"]
+
 if TYPE_CHECKING:
     from rosa2_dspy.policy import LoRAPolicy
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationRow:
-    """One prompt to answer: token ids, the adapter to answer under, and how to decode."""
-
-    prompt: list[int]
-    adapter: torch.Tensor
-    max_new_tokens: int = 256
-    temperature: float | None = 0.0
-    top_p: float | None = None
-    seed: int | None = None
-    # Streaming rows only: called on the batcher's thread with (index, token id) as each token is chosen.
-    # Keep it cheap (e.g. a queue's put): the whole batch waits for it.
-    on_token: Callable[[int, int], None] | None = field(default=None, repr=False)
-
-    @property
-    def sample(self) -> bool:
-        return bool(self.temperature) and self.temperature > 0
-
-
-@dataclass
-class Generation:
-    tokens: list[int]
-    finish_reason: str  # "stop" (end-of-turn) or "length"
 
 
 SCORE_BUCKET = 32  # scoring rows are right-padded to a multiple of this many tokens
@@ -121,87 +103,6 @@ class LogProb:
         return self.total / max(self.num_tokens, 1)
 
 
-def _stack_adapters(vectors: Sequence[Any], device: torch.device) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vectors]).to(device)
-
-
-def _next_tokens(logits: torch.Tensor, rows: Sequence[GenerationRow], generators: list) -> torch.Tensor:
-    """Greedy for every row at once; sampled rows (temperature > 0) draw from their own generator."""
-    tokens = logits.argmax(dim=-1)
-    for j, row in enumerate(rows):  # only sampled rows; greedy decoding never enters this loop's body
-        if not row.sample:
-            continue
-        probs = torch.softmax(logits[j].float() / row.temperature, dim=-1)
-        if row.top_p is not None and row.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(-1) - sorted_probs < row.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        tokens[j] = torch.multinomial(probs.cpu(), 1, generator=generators[j])[0]
-    return tokens
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    """transformers >= 5.2x calls the KV cache argument ``cache``; earlier releases ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-@torch.no_grad()
-def generate_rows(policy: "LoRAPolicy", rows: Sequence[GenerationRow]) -> list[Generation]:
-    """Answer every row in one batched decode; row ``i`` runs under its own adapter ``rows[i].adapter``."""
-    from transformers import DynamicCache
-
-    model, device = policy.causal_lm, policy.device
-    eos, pad = policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
-    n, width = len(rows), max(len(r.prompt) for r in rows)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, row in enumerate(rows):  # left padding: every prompt ends at the same column
-        ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
-        mask[i, width - len(row.prompt) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generators = []
-    for row in rows:
-        g = torch.Generator()
-        if row.sample:
-            g.manual_seed(row.seed if row.seed is not None else int(torch.randint(2**31, ()).item()))
-        generators.append(g)
-    outputs: list[list[int]] = [[] for _ in rows]
-    finish = ["length"] * n
-    alive = list(range(n))  # original index of each row still in the batch
-    cache = DynamicCache(config=model.config)
-    cache_kw = _cache_keyword(type(model))
-    with policy.multi_lora.active(_stack_adapters([r.adapter for r in rows], device)):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
-        next_position = positions[:, -1:] + 1
-        while True:
-            tokens = _next_tokens(logits, [rows[i] for i in alive], [generators[i] for i in alive])
-            keep = []
-            for j, (i, token) in enumerate(zip(alive, tokens.tolist())):
-                outputs[i].append(token)
-                if rows[i].on_token is not None:
-                    rows[i].on_token(len(outputs[i]) - 1, token)
-                if token == eos:
-                    finish[i] = "stop"
-                elif len(outputs[i]) < rows[i].max_new_tokens:
-                    keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(alive):  # drop finished rows from the batch, the cache and the adapters
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                policy.multi_lora.select(index)
-                mask, next_position, tokens = mask[index], next_position[index], tokens[index]
-                alive = [alive[j] for j in keep]
-            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-            logits = model(input_ids=tokens[:, None].to(device), attention_mask=mask, position_ids=next_position,
-                           use_cache=True, **{cache_kw: cache}).logits[:, -1]
-            next_position = next_position + 1
-    return [Generation(tokens, reason) for tokens, reason in zip(outputs, finish)]
-
-
 def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[LogProb]:
     """``log pi(y | x)`` of every row in one right-padded forward, and per-row gradients in one backward."""
     model, device = policy.causal_lm, policy.device
@@ -220,7 +121,7 @@ def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[LogProb]:
     owner_t = torch.tensor(row_index, device=device)
     targets = ids[row_index, [p + 1 for p in position]].to(device)
     ids = ids.to(device)
-    adapters = _stack_adapters([r.adapter for r in rows], device).requires_grad_(with_grad)
+    adapters = stack_adapters([r.adapter for r in rows], device).requires_grad_(with_grad)
     head = model.get_output_embeddings()
     with torch.set_grad_enabled(with_grad), policy.multi_lora.active(adapters):
         # Right padding and a causal mask: real tokens never see the padding, so no attention mask is needed.
@@ -274,7 +175,7 @@ def divergence_rows(policy: "LoRAPolicy", rows: Sequence[DivergenceRow]) -> list
     ids = torch.full((2 * n, width), policy.tokenizer.pad_token_id, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : row.length] = ids[n + i, : row.length] = torch.tensor(row.prompt + row.response)
-    adapters = _stack_adapters([r.adapter for r in rows] + [r.other for r in rows], device)
+    adapters = stack_adapters([r.adapter for r in rows] + [r.other for r in rows], device)
     with policy.multi_lora.active(adapters):
         hidden = model.get_decoder()(input_ids=ids.to(device)).last_hidden_state
     head = model.get_output_embeddings()
@@ -330,6 +231,7 @@ class Batcher:
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._compute_lock = threading.Lock()
+        self._held: list[_Job] = []  # taken from the queue but not fitting the pass that was running
         self.passes: dict[str, int] = {kind: 0 for kind in _PASSES}  # how many batched passes ran (for benchmarks)
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[Generation]:
@@ -386,11 +288,10 @@ class Batcher:
         return True
 
     def _loop(self) -> None:
-        held: list[_Job] = []  # taken from the queue but not fitting the previous pass
         while True:
-            batch = [held.pop(0) if held else self._queue.get()]
+            batch = [self._held.pop(0) if self._held else self._queue.get()]
             deadline = time.monotonic() + self.wait_ms / 1000
-            while not held:
+            while not self._held:
                 try:
                     job = self._queue.get(timeout=max(deadline - time.monotonic(), 0)) \
                         if time.monotonic() < deadline else self._queue.get_nowait()
@@ -399,10 +300,63 @@ class Batcher:
                 if self._fits(batch, job):
                     batch.append(job)
                 else:
-                    held.append(job)
-            while held and self._fits(batch, held[0]):
-                batch.append(held.pop(0))
-            self._run_jobs(batch)
+                    self._held.append(job)
+            while self._held and self._fits(batch, self._held[0]):
+                batch.append(self._held.pop(0))
+            if batch[0].kind == "generate":
+                self._decode(batch)
+            else:
+                self._run_jobs(batch)
+
+    def _decode(self, jobs: list[_Job]) -> None:
+        """One continuous decode: ``jobs`` start it, generation requests that arrive later join it between
+        token steps while there is room and no other kind of request waits; each job's future resolves
+        when its last row ends."""
+        handles: dict[int, tuple[_Job, list[int]]] = {}  # first handle of a job -> (job, its handles)
+        try:
+            with self._compute_lock, DecodeBatch(self.policy) as decode:
+                self._admit(decode, jobs, handles)
+                self.passes["generate"] += 1
+                while decode.size:
+                    decode.step()
+                    for first, (job, own) in list(handles.items()):
+                        if all(decode.results[h] is not None for h in own):
+                            job.future.set_result([decode.results[h] for h in own])
+                            del handles[first]
+                    while decode.mergeable and not self._held and decode.size < self.max_batch:
+                        try:
+                            job = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if job.kind == "generate" and decode.size + len(job.rows) <= self.max_batch:
+                            self._admit(decode, [job], handles)
+                        else:
+                            self._held.append(job)
+        except Exception as err:  # a failed decode step: rerun each unfinished request alone
+            unfinished = [job for job, _ in handles.values()]
+            logger.warning("A batched generate pass failed (%s); rerunning its %d requests one by one.",
+                           err, len(unfinished))
+            for job in unfinished:
+                self._run_jobs([job])
+
+    def _admit(self, decode: DecodeBatch, jobs: list[_Job], handles: dict) -> None:
+        """Prefill ``jobs``' rows into ``decode`` (one call, grouped by length inside). If that fails, each
+        job is tried alone, so a bad request (e.g. an adapter of the wrong size) fails only its caller."""
+        try:
+            own = decode.admit([row for job in jobs for row in job.rows])
+        except Exception as err:
+            if len(jobs) > 1:
+                for job in jobs:
+                    if decode.size and not decode.mergeable:  # this model's cache cannot take it now
+                        self._held.insert(0, job)
+                    else:
+                        self._admit(decode, [job], handles)
+            else:
+                jobs[0].future.set_exception(err)
+            return
+        for job in jobs:
+            mine, own = own[: len(job.rows)], own[len(job.rows):]
+            handles[mine[0]] = (job, mine)
 
     def _run_jobs(self, batch: list[_Job]) -> None:
         rows = [r for job in batch for r in job.rows]

@@ -23,8 +23,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+
+def stack_adapters(vectors: Sequence[Any], device: torch.device) -> torch.Tensor:
+    """Flat adapter vectors (one per row) as one ``[b, P]`` float32 tensor on ``device``."""
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vectors]).to(device)
 
 
 @dataclass
@@ -95,8 +101,7 @@ class MultiLoRA:
     @contextlib.contextmanager
     def active(self, vectors: torch.Tensor) -> Iterator[None]:
         """Run the model with row ``i`` of the batch under adapter ``vectors[i]`` (shape ``[b, P]``)."""
-        if vectors.dim() != 2 or vectors.shape[1] != self.size:
-            raise ValueError(f"Adapter rows must have shape [b, {self.size}], got {tuple(vectors.shape)}.")
+        self._check(vectors)
         if self._rows is not None:
             raise RuntimeError("MultiLoRA.active is not re-entrant; the compute lock should prevent this.")
         self._rows = self._split(vectors)
@@ -105,6 +110,18 @@ class MultiLoRA:
                 yield
         finally:
             self._rows = None
+
+    def replace(self, vectors: torch.Tensor) -> None:
+        """Inside :meth:`active`, run the next passes with these rows instead (rows joining or leaving a
+        running decode)."""
+        if self._rows is None:
+            raise RuntimeError("replace() is only meaningful inside active().")
+        self._check(vectors)
+        self._rows = self._split(vectors)
+
+    def _check(self, vectors: torch.Tensor) -> None:
+        if vectors.dim() != 2 or vectors.shape[1] != self.size:
+            raise ValueError(f"Adapter rows must have shape [b, {self.size}], got {tuple(vectors.shape)}.")
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows ``keep`` (indices) of the active batch: finished rows stop costing compute."""

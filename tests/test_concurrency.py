@@ -13,6 +13,7 @@ import dspy
 import pytest
 import torch
 
+from rosa2_dspy.decoding import DecodeBatch, prefill_groups
 from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
@@ -47,6 +48,65 @@ def test_batched_generation_with_mixed_adapters_equals_each_row_alone(tiny_polic
     assert [g.finish_reason for g in together] == [g.finish_reason for g in alone]
     assert len({tuple(g.tokens) for g in alone}) == 4  # the adapters really differ per row
     assert [len(g.tokens) for g in together] == [6, 9, 12, 15]  # each row keeps its own budget
+
+
+def test_prefill_groups_pad_little_and_keep_equal_lengths_together():
+    assert prefill_groups([30, 30, 30]) == [[0, 1, 2]]
+    assert prefill_groups([200, 30, 31, 400]) == [[1, 2], [0], [3]]
+    for lengths in ([5, 9, 100, 101, 102, 300], [50] * 4 + [52, 900]):
+        for group in prefill_groups(lengths):
+            longest = max(lengths[i] for i in group)
+            assert longest * len(group) <= 1.125 * sum(lengths[i] for i in group)
+
+
+def test_rows_joining_a_running_decode_answer_as_they_would_alone(tiny_policy):
+    vectors = adapters(tiny_policy, 4)
+    prompts = [tiny_policy._prompt_ids(chat(q)) for q in QUESTIONS]
+    rows = [GenerationRow(prompts[0], vectors[0], max_new_tokens=14),
+            GenerationRow(prompts[1], vectors[1], max_new_tokens=10),
+            GenerationRow(prompts[2] + prompts[3], vectors[2], max_new_tokens=9),  # longer than the running rows
+            GenerationRow(prompts[3][:5], vectors[3], max_new_tokens=8)]  # shorter
+    alone = [generate_rows(tiny_policy, [row])[0] for row in rows]
+    with DecodeBatch(tiny_policy) as batch:
+        first = batch.admit(rows[:2])
+        for _ in range(3):
+            batch.step()
+        later = batch.admit(rows[2:])
+        assert batch.size == 4
+        while batch.size:
+            batch.step()
+        together = [batch.results[h] for h in first + later]
+    assert [g.tokens for g in together] == [g.tokens for g in alone]
+    assert [g.finish_reason for g in together] == [g.finish_reason for g in alone]
+    assert len({tuple(g.tokens) for g in alone}) == 4
+
+
+def test_a_request_arriving_mid_decode_joins_it_and_returns_when_its_own_rows_end(tiny_policy):
+    vectors = adapters(tiny_policy, 2)
+    short = GenerationRow(tiny_policy._prompt_ids(chat(QUESTIONS[1])), vectors[1], max_new_tokens=4)
+    expected_short = generate_rows(tiny_policy, [short])[0].tokens
+    started, queued, seen = threading.Event(), threading.Event(), []
+    pending = {}
+
+    def on_token(index, token):  # runs on the batcher's thread, once per token of the long row
+        if index == 1:
+            started.set()
+            assert queued.wait(10)
+        if "short" in pending:
+            seen.append(pending["short"].done())
+
+    long = GenerationRow(tiny_policy._prompt_ids(chat(QUESTIONS[0])), vectors[0], max_new_tokens=30,
+                         on_token=on_token)
+    expected_long = generate_rows(tiny_policy, [GenerationRow(long.prompt, long.adapter, 30)])[0].tokens
+    batcher = Batcher(tiny_policy, wait_ms=0)
+    long_future = batcher.submit("generate", [long])[0]
+    assert started.wait(10)
+    pending["short"] = batcher.submit("generate", [short])[0]
+    queued.set()
+    assert pending["short"].result(10)[0].tokens == expected_short
+    assert long_future.result(10)[0].tokens == expected_long
+    assert batcher.passes["generate"] == 1  # the short request joined the running decode
+    assert len(expected_long) > 10 and True in seen  # ... and got its answer while the long row still decoded
 
 
 def test_engine_decoding_equals_transformers_generate(tiny_policy):
