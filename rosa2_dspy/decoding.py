@@ -82,9 +82,18 @@ def _next_tokens(logits: torch.Tensor, rows: Sequence[GenerationRow], generators
 
 
 @functools.cache
-def _cache_keyword(model_class: type) -> str:
+def cache_keyword(model_class: type) -> str:
     """transformers >= 5.2x calls the KV cache argument ``cache``; earlier releases ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def supports_row_caches(model: torch.nn.Module) -> bool:
+    """Whether a KV cache of ``model`` can be cut, stacked and copied per row: every layer of its
+    ``DynamicCache`` is a plain ``DynamicLayer`` (no sliding window, no quantisation)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
 def prefill_groups(lengths: Sequence[int], waste: float = PREFILL_WASTE) -> list[list[int]]:
@@ -126,16 +135,15 @@ class DecodeBatch:
 
     def __init__(self, policy: "LoRAPolicy") -> None:
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         self.policy = policy
         self.model, self.device = policy.causal_lm, policy.device
         self.eos, self.pad = policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
-        self._cache_kw = _cache_keyword(type(self.model))
+        self._cache_kw = cache_keyword(type(self.model))
         self._new_cache = lambda: DynamicCache(config=self.model.config)
         # Rows can be merged into a running batch only when every cache layer is a plain DynamicLayer (no
         # sliding window or quantised cache); otherwise rows are prefilled together, as one group.
-        self.mergeable = all(type(layer) is DynamicLayer for layer in self._new_cache().layers)
+        self.mergeable = supports_row_caches(self.model)
         self.results: list[Generation | None] = []  # by handle; None while the row decodes
         self._partial: dict[int, list[int]] = {}  # by handle: the tokens chosen so far
         self._rows: list[GenerationRow] = []  # by handle

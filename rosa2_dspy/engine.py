@@ -6,14 +6,8 @@ Batched passes over a :class:`~rosa2_dspy.policy.LoRAPolicy`, all built on
 * :func:`generate_rows` / :class:`~rosa2_dspy.decoding.DecodeBatch` (in :mod:`rosa2_dspy.decoding`) —
   batched decoding, greedy or sampled, with a per-row token budget; prompts are prefilled in groups of
   similar length, rows finish independently and new rows can join a running decode.
-* :func:`score_rows` — ``log pi(y | x)`` of (prompt, response) rows, right-padded (so every real token
-  sees exactly what it would alone), and, on request, every row's gradient with respect to its own
-  adapter copy: one forward and one backward give all per-sample gradients. A row may also keep its
-  final hidden states, or bring those of another pass over the same text to be compared with (mean
-  per-token KL): the weights step's check rides on the passes it makes anyway (see ``ROSAStep``).
-* :func:`divergence_rows` — how far a candidate adapter moves the model's next-token predictions from a
-  reference adapter over a text (mean per-token KL): the weights step's check that a step does not
-  wreck the model.
+* :func:`score_rows` / :func:`divergence_rows` (in :mod:`rosa2_dspy.scoring`) — log-probs, per-sample
+  gradients and KL checks of many rows in one pass (rows of one ROSA step share their prompt's forward).
 
 :class:`Batcher` coalesces concurrent requests (threads, or asyncio through threads) into those
 passes: one worker thread takes the first request, waits up to ``wait_ms`` for more of the same kind
@@ -33,13 +27,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from rosa2_dspy.decoding import DecodeBatch, Generation, GenerationRow, generate_rows
-from rosa2_dspy.multi_lora import stack_adapters
+from rosa2_dspy.scoring import DivergenceRow, LogProb, ScoreRow, divergence_rows, score_rows, score_width
 
 __all__ = ["Batcher", "DivergenceRow", "Generation", "GenerationRow", "LogProb", "ModelBackend", "ScoreRow",
            "divergence_rows", "generate_rows", "score_rows", "score_width"]
@@ -48,139 +40,6 @@ if TYPE_CHECKING:
     from rosa2_dspy.policy import LoRAPolicy
 
 logger = logging.getLogger(__name__)
-
-
-SCORE_BUCKET = 32  # scoring rows are right-padded to a multiple of this many tokens
-
-
-def score_width(rows: Sequence["ScoreRow"]) -> int:
-    """The padded length of a scoring pass over ``rows``: the longest row, rounded up to SCORE_BUCKET.
-
-    A pass only joins requests of equal width, so a conversation's rows are computed with the same
-    shapes whether they run alone or beside other conversations' rows: with a fixed number of torch
-    threads, batching does not change a single bit of a conversation's log-probs or gradients.
-    """
-    longest = max(r.length for r in rows)
-    return -(-longest // SCORE_BUCKET) * SCORE_BUCKET
-
-
-@dataclass
-class ScoreRow:
-    """One response to score: prompt ids, response ids (end-of-turn included), the adapter.
-
-    ``keep_hidden``: also return the row's final hidden states at positions ``0..L-2`` (the ones that predict
-    its tokens 1..L-1; detached). ``reference``: such states of the same text from another pass (e.g. under
-    the adapter before a step): the pass also returns the mean per-token ``KL(reference || this row)`` of
-    the next-token distributions, as :func:`divergence_rows` would, without a second forward.
-    """
-
-    prompt: list[int]
-    response: list[int]
-    adapter: torch.Tensor
-    with_grad: bool = False
-    keep_hidden: bool = False
-    reference: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.response)
-
-
-@dataclass
-class LogProb:
-    """``log pi(y | x)`` of one response: the sum over its tokens, how many tokens that is, and
-    (optionally) the gradient of that sum with respect to the row's adapter, a flat float32 CPU vector;
-    the row's hidden states (``ScoreRow.keep_hidden``) and its KL from a reference (``ScoreRow.reference``)."""
-
-    total: float
-    num_tokens: int
-    grad: torch.Tensor | None = field(default=None, repr=False)
-    hidden: torch.Tensor | None = field(default=None, repr=False)
-    kl: float | None = None
-
-    @property
-    def mean(self) -> float:
-        return self.total / max(self.num_tokens, 1)
-
-
-def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[LogProb]:
-    """``log pi(y | x)`` of every row in one right-padded forward, and per-row gradients in one backward."""
-    model, device = policy.causal_lm, policy.device
-    with_grad = any(r.with_grad for r in rows)
-    n, width = len(rows), score_width(rows)
-    ids = torch.full((n, width), policy.tokenizer.pad_token_id, dtype=torch.long)
-    row_index, position = [], []
-    for i, row in enumerate(rows):
-        ids[i, : row.length] = torch.tensor(row.prompt + row.response)
-        start = len(row.prompt)
-        position.extend(range(start - 1, row.length - 1))  # the hidden state that predicts each response token
-        row_index.extend([i] * len(row.response))
-        if row.reference is not None and row.reference.shape[0] != row.length - 1:
-            raise ValueError(f"A reference holds the hidden states of {row.reference.shape[0]} positions; this row "
-                             f"has {row.length - 1}. Pass the states kept (keep_hidden) from a pass over the same text.")
-    owner_t = torch.tensor(row_index, device=device)
-    targets = ids[row_index, [p + 1 for p in position]].to(device)
-    ids = ids.to(device)
-    adapters = stack_adapters([r.adapter for r in rows], device).requires_grad_(with_grad)
-    head = model.get_output_embeddings()
-    with torch.set_grad_enabled(with_grad), policy.multi_lora.active(adapters):
-        # Right padding and a causal mask: real tokens never see the padding, so no attention mask is needed.
-        states = model.get_decoder()(input_ids=ids).last_hidden_state
-        logits = head(states[owner_t, torch.tensor(position, device=device)])
-        if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision softmax loses too much
-            logits = logits.float()
-        token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-        totals = torch.zeros(n, dtype=token_logprobs.dtype, device=device).index_add(0, owner_t, token_logprobs)
-        grads = torch.autograd.grad(totals.sum(), adapters)[0].float().cpu() if with_grad else None
-    results = []
-    with torch.no_grad():
-        for i, row in enumerate(rows):
-            own = states[i, : row.length - 1].detach()
-            results.append(LogProb(
-                float(totals[i].detach()), len(row.response),
-                grads[i].clone() if grads is not None and row.with_grad else None,
-                hidden=own.clone() if row.keep_hidden else None,
-                kl=None if row.reference is None else _mean_kl(head, row.reference.to(device), own)))
-    return results
-
-
-def _mean_kl(head: torch.nn.Module, reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over positions of ``KL(p || q)``, the next-token distributions that the final hidden states
-    ``reference`` and ``other`` (``[positions, d]``, the same text) give through the output ``head``."""
-    p = torch.log_softmax(head(reference).float(), dim=-1)
-    q = torch.log_softmax(head(other).float(), dim=-1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
-@dataclass
-class DivergenceRow:
-    """A (prompt, response) text under two adapters: how far apart are the model's predictions?"""
-
-    prompt: list[int]
-    response: list[int]
-    adapter: torch.Tensor  # the reference (e.g. before a step)
-    other: torch.Tensor  # the candidate (e.g. after it)
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.response)
-
-
-@torch.no_grad()
-def divergence_rows(policy: "LoRAPolicy", rows: Sequence[DivergenceRow]) -> list[float]:
-    """Mean per-token ``KL(pi_adapter || pi_other)`` of the next-token distributions over every position
-    of each row's prompt and response, in one right-padded forward of ``2n`` rows (row ``i`` under
-    ``adapter``, row ``n + i`` under ``other``)."""
-    model, device, n, width = policy.causal_lm, policy.device, len(rows), score_width(rows)
-    ids = torch.full((2 * n, width), policy.tokenizer.pad_token_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : row.length] = ids[n + i, : row.length] = torch.tensor(row.prompt + row.response)
-    adapters = stack_adapters([r.adapter for r in rows] + [r.other for r in rows], device)
-    with policy.multi_lora.active(adapters):
-        hidden = model.get_decoder()(input_ids=ids.to(device)).last_hidden_state
-    head = model.get_output_embeddings()
-    # positions 0..L-2 predict real tokens; padding never enters; one row's logits at a time
-    return [_mean_kl(head, hidden[i, : row.length - 1], hidden[n + i, : row.length - 1]) for i, row in enumerate(rows)]
 
 
 class ModelBackend(Protocol):

@@ -334,11 +334,19 @@ class ROSAStep(WeightOptimizer):
         self.max_norm = max_norm
 
     def solve(self, grads: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-        """``Gᵀ(GGᵀ + λI)⁻¹a`` in float64, with ``λ = ridge · mean‖g_i‖²``. Raises on a failed solve."""
+        """``Gᵀ(GGᵀ + λI)⁻¹a`` in float64, with ``λ = ridge · mean‖g_i‖²``. Raises ``LinAlgError`` on a
+        system singular to the gradients' (float32) precision."""
         G = grads.to(torch.float64)
         K = G @ G.T
         lam = self.ridge * float(torch.diagonal(K).mean())
-        coefficients = torch.linalg.solve(K + lam * torch.eye(len(K), dtype=torch.float64), advantages)
+        system = K + lam * torch.eye(len(K), dtype=torch.float64)
+        # The gradients are float32: a system worse conditioned than float32's precision (e.g. two identical
+        # responses and no ridge) has no meaningful solution, whatever float64 rounding makes of it.
+        condition = float(torch.linalg.cond(system))
+        if not condition < 1 / torch.finfo(torch.float32).eps:
+            raise torch.linalg.LinAlgError(f"the system is singular to float32 precision (condition number "
+                                           f"{condition:.1e}); use ridge > 0")
+        coefficients = torch.linalg.solve(system, advantages)
         return G.T @ coefficients
 
     def _update(self, policy, responses, advantages, record, apply, adapter, keep=()):

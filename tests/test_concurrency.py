@@ -178,6 +178,40 @@ def test_batched_per_sample_gradients_equal_sequential_ones(tiny_policy):
     assert torch.allclose(batched[2].grad, grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()))
 
 
+@pytest.mark.parametrize("vmap", [True, False], ids=["batched-vjp", "vjp-per-row"])
+def test_responses_sharing_a_prompt_share_its_pass_and_get_the_per_row_results(tiny_policy, monkeypatch, vmap):
+    from rosa2_dspy import scoring
+
+    if not vmap:  # the fallback for models whose backward has no batching rule
+        grad = torch.autograd.grad
+
+        def no_batching(*args, **kwargs):
+            if kwargs.get("is_grads_batched"):
+                raise RuntimeError("Batching rule not implemented (test)")
+            return grad(*args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    shared_passes = []
+    monkeypatch.setattr(scoring, "_score_shared", lambda policy, rows, run=scoring._score_shared:
+                        shared_passes.append(len(rows)) or run(policy, rows))
+    vector = adapters(tiny_policy, 1)[0]
+    responses = ["It is 5.", "five", "The answer is 5, since 2 + 3 = 5.", "It is 5."]
+    pairs = [(chat(QUESTIONS[0]), r) for r in responses]
+    references = [tiny_policy.logprobs([p], adapter=adapters(tiny_policy, 1, seed=2)[0], keep_hidden=True)[0].hidden
+                  for p in pairs]
+    shared = tiny_policy.logprobs(pairs, with_grad=True, adapter=vector, keep_hidden=True, references=references)
+    assert shared_passes == [4]
+    for pair, reference, lp in zip(pairs, references, shared):
+        alone = tiny_policy.logprobs([pair], with_grad=True, adapter=vector, keep_hidden=True,
+                                     references=[reference])[0]
+        assert lp.num_tokens == alone.num_tokens
+        assert lp.total == pytest.approx(alone.total, rel=1e-5)
+        assert torch.allclose(lp.grad, alone.grad, rtol=1e-4, atol=1e-5 * float(alone.grad.abs().max()))
+        assert torch.allclose(lp.hidden, alone.hidden, atol=1e-5)
+        assert lp.kl == pytest.approx(alone.kl, rel=1e-4, abs=1e-7) and alone.kl > 0
+    assert shared_passes == [4]  # one row alone runs the ordinary pass
+
+
 def test_batched_rosa_step_equals_the_sequential_step(tiny_policy, monkeypatch):
     vector = adapters(tiny_policy, 1)[0]
     responses = [ScoredResponse(chat(q), f"reply {i}", float(i % 2), "current") for i, q in enumerate(QUESTIONS)]
