@@ -56,6 +56,7 @@ import torch
 import dspy
 from dspy.predict.parameter import Parameter
 
+from rosa2_dspy.actors import WEIGHT_MODES
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.records import TurnRecord
 from rosa2_dspy.sessions import Call, Session, Turn, check_session_id
@@ -355,9 +356,7 @@ def _plan(rosa2: "ROSA2", state: Any, path: Any,
           read_adapter: Callable[[str], torch.Tensor]) -> dict[str, Any]:
     """Check a state's fields against ``rosa2``; return what to apply. ``read_adapter(sid)`` reads and
     checks a session's adapter (called only when ``rosa2`` has a policy)."""
-    from rosa2_dspy.rosa2 import _WEIGHT_MODES
-
-    if rosa2.policy is None and rosa2.mode in _WEIGHT_MODES:
+    if rosa2.policy is None and rosa2.mode in WEIGHT_MODES:
         raise AdapterLoadError(f"Loading {path} in mode {rosa2.mode!r} reads adapters into the actor's LocalLM, and "
                                "none is set: load under dspy.context(lm=LocalLM(...)) or give ROSA2 an lm.")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:

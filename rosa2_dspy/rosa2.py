@@ -46,6 +46,7 @@ import dspy
 import torch
 
 from rosa2_dspy import persistence, theorem41
+from rosa2_dspy.actors import ActorMixin
 from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
 from rosa2_dspy.attribution import CallRecorder, extend_parent_trace, tag_predictors
 from rosa2_dspy.errors import FeedbackError, TurnFailedError
@@ -53,14 +54,12 @@ from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback
 from rosa2_dspy.local_lm import LocalLM, lm_scope
 from rosa2_dspy.streaming import listening_to_copies
 from rosa2_dspy.turn import adapt_turn
-from rosa2_dspy.policy import LoRAPolicy
 from rosa2_dspy.records import InteractionPrediction, InteractionResult, TurnRecord
 from rosa2_dspy.sessions import Session, SessionStore, Turn
 from rosa2_dspy.weights import ROSAStep, WeightOptimizer
 from rosa2_dspy.words import InstructionRefiner
 
 MODES = ("static", "prompt-only", "param-only", "switch", "joint")
-_WEIGHT_MODES = {"param-only", "switch", "joint"}
 
 
 class _Hidden:
@@ -73,7 +72,7 @@ class _Hidden:
         self.value = value
 
 
-class ROSA2(dspy.Module):
+class ROSA2(ActorMixin, dspy.Module):
     """Wrap a DSPy program so that it adapts its instructions and LoRA weights from feedback, turn by turn.
 
     Args:
@@ -186,52 +185,6 @@ class ROSA2(dspy.Module):
         if feedback is not None:
             metric_caller(feedback)
         self._feedback = _Hidden(feedback)
-
-    # ------------------------------------------------------------------ the actor
-
-    @staticmethod
-    def _check_actor(lm: Any, mode: str) -> None:
-        if mode in _WEIGHT_MODES and not isinstance(lm, LocalLM):
-            got = "no LM" if lm is None else type(lm).__name__
-            raise TypeError(
-                f"mode={mode!r} updates weights, which needs a LocalLM actor (a transformers + PEFT model); "
-                f"got {got}. Pass ROSA2(..., lm=LocalLM(...)) or configure one with dspy.configure(lm=LocalLM(...)) "
-                "/ dspy.context(lm=LocalLM(...)); or use mode='prompt-only' or 'static' with a served model."
-            )
-
-    @property
-    def actor(self) -> dspy.BaseLM | None:
-        """The LM that answers: ``lm`` if given, else the LM the program's predictors were set to (if they
-        share one), else the one configured in DSPy at call time (``dspy.configure`` / ``dspy.context``)."""
-        if self.lm is not None:
-            return self.lm
-        try:
-            own = self.program.get_lm()
-        except ValueError:  # predictors set to different LMs: each runs its own, the configured LM is the actor
-            own = None
-        return own or dspy.settings.lm
-
-    def _weights_actor(self) -> dspy.BaseLM | None:
-        """The actor, checked for this mode: a weight mode needs a LocalLM (raises TypeError saying what to do)."""
-        actor = self.actor
-        self._check_actor(actor, self.mode)
-        return actor
-
-    @property
-    def adapter(self) -> dspy.Adapter:
-        """The actor's DSPy adapter (used by the refiner too): the one given, else the actor's
-        ``default_adapter`` (a :class:`LocalLM`'s, ``LocalLM(adapter=...)``), else :class:`LenientChatAdapter`."""
-        return self._adapter or getattr(self.actor, "default_adapter", None) or self._fallback_adapter
-
-    @adapter.setter
-    def adapter(self, adapter: dspy.Adapter | None) -> None:
-        self._adapter = adapter
-
-    @property
-    def policy(self) -> LoRAPolicy | None:
-        """The actor's torch side (its :class:`LoRAPolicy`), or None when the actor is not a LocalLM."""
-        actor = self.actor
-        return actor.policy if isinstance(actor, LocalLM) else None
 
     # ------------------------------------------------------------------ sessions
 
