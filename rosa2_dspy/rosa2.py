@@ -35,7 +35,6 @@ conversations of one user. Persistence lives in ``rosa2_dspy.persistence``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import math
 import time
@@ -43,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-import torch
 
 from rosa2_dspy import persistence, theorem41
 from rosa2_dspy.actors import ActorMixin
@@ -55,7 +53,7 @@ from rosa2_dspy.local_lm import LocalLM, lm_scope
 from rosa2_dspy.streaming import listening_to_copies
 from rosa2_dspy.turn import adapt_turn
 from rosa2_dspy.records import InteractionPrediction, InteractionResult, TurnRecord
-from rosa2_dspy.sessions import Session, SessionStore, Turn
+from rosa2_dspy.sessions import Session, SessionsMixin, SessionStore, Turn
 from rosa2_dspy.weights import ROSAStep, WeightOptimizer
 from rosa2_dspy.words import InstructionRefiner
 
@@ -72,7 +70,7 @@ class _Hidden:
         self.value = value
 
 
-class ROSA2(ActorMixin, dspy.Module):
+class ROSA2(ActorMixin, SessionsMixin, dspy.Module):
     """Wrap a DSPy program so that it adapts its instructions and LoRA weights from feedback, turn by turn.
 
     Args:
@@ -185,69 +183,6 @@ class ROSA2(ActorMixin, dspy.Module):
         if feedback is not None:
             metric_caller(feedback)
         self._feedback = _Hidden(feedback)
-
-    # ------------------------------------------------------------------ sessions
-
-    @property
-    def original_instructions(self) -> dict[str, str]:
-        """The wrapped program's current instruction per predictor: what a new session starts from.
-
-        Read from the program each time, so instructions an optimizer, ``load_state`` or a parent's ``load``
-        set after wrapping are what new sessions start from. Setting it sets the program's instructions.
-        """
-        return {n: p.signature.instructions for n, p in self.program.named_predictors()}
-
-    @original_instructions.setter
-    def original_instructions(self, instructions: dict[str, str]) -> None:
-        for name, predictor in self.program.named_predictors():
-            if name in instructions:
-                predictor.signature = predictor.signature.with_instructions(instructions[name])
-
-    def _fresh_state(self) -> tuple[dict[str, str], torch.Tensor | None]:
-        """A new session starts from the program's current words and the model's own adapter (the initial
-        one, unless the model was trained offline, e.g. by ``ROSAStep().compile``, or loaded)."""
-        policy = self.policy
-        if policy is None:
-            return self.original_instructions, None
-        with policy.lock:
-            return self.original_instructions, policy.adapter_vector()
-
-    @property
-    def sessions(self) -> dict[str, Session]:
-        """Every session by id (a snapshot; the sessions themselves are live)."""
-        return self.store.snapshot()
-
-    @property
-    def current_session_id(self) -> str | None:
-        """The session a call from here would run in (see :meth:`in_session`)."""
-        return self.store.current_id()
-
-    @property
-    def session(self) -> Session:
-        """The calling context's session (one is started on first use)."""
-        return self.store.current()
-
-    def start_session(self, session_id: str | None = None, carry_over_from: str | None = None) -> str:
-        """Start a conversation and make it the default session: the program's current instructions and the initial
-        adapter, or, with ``carry_over_from``, that session's instructions and adapter."""
-        return self.store.start(session_id, carry_over_from, make_default=True)
-
-    def use_session(self, session_id: str) -> None:
-        """Make ``session_id`` the default session (for calls that name none)."""
-        self.store.get(session_id)
-        self.store.default_id = session_id
-
-    def in_session(self, session_id: str) -> contextlib.AbstractContextManager[Session]:
-        """``with rosa2.in_session(sid): ...`` — calls from this thread or task run in ``sid``; other
-        threads are unaffected. The way to serve several users from one instance."""
-        return self.store.use(session_id)
-
-    def reset_session(self, session_id: str | None = None) -> None:
-        """Back to the program's current instructions and the initial adapter; the turns are forgotten."""
-        self.store.reset(session_id or self.session.session_id)
-
-    def end_session(self, session_id: str) -> None:
-        self.store.end(session_id)
 
     # ------------------------------------------------------------------ one turn: forward
 
