@@ -48,11 +48,12 @@ from rosa2_dspy.actors import ActorMixin
 from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
 from rosa2_dspy.attribution import CallRecorder, extend_parent_trace, tag_predictors
 from rosa2_dspy.errors import FeedbackError, TurnFailedError
-from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback, metric_caller
+from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, metric_caller
+from rosa2_dspy.interactions import InteractionsMixin
 from rosa2_dspy.local_lm import LocalLM, lm_scope
 from rosa2_dspy.streaming import listening_to_copies
 from rosa2_dspy.turn import adapt_turn
-from rosa2_dspy.records import InteractionPrediction, InteractionResult, TurnRecord
+from rosa2_dspy.records import TurnRecord
 from rosa2_dspy.sessions import Session, SessionsMixin, SessionStore, Turn
 from rosa2_dspy.weights import ROSAStep, WeightOptimizer
 from rosa2_dspy.words import InstructionRefiner
@@ -70,7 +71,7 @@ class _Hidden:
         self.value = value
 
 
-class ROSA2(ActorMixin, SessionsMixin, dspy.Module):
+class ROSA2(ActorMixin, SessionsMixin, InteractionsMixin, dspy.Module):
     """Wrap a DSPy program so that it adapts its instructions and LoRA weights from feedback, turn by turn.
 
     Args:
@@ -298,65 +299,6 @@ class ROSA2(ActorMixin, SessionsMixin, dspy.Module):
         """The words and weights steps of a closed turn (see :mod:`rosa2_dspy.turn`)."""
         adapt_turn(self, session, turn, reference, accepted)
 
-    # ------------------------------------------------------------------ whole interactions
-
-    def interact(self, example: dspy.Example, max_turns: int | None = None, session_id: str | None = None,
-                 carry_over_from: str | None = None) -> dspy.Prediction:
-        """Run a whole interaction on ``example`` with the feedback source, in a new session of its own.
-
-        Returns the last prediction: the wrapped program's fields as it returned them, and ROSA2's data under
-        the reserved attribute ``rosa2`` (an :class:`~rosa2_dspy.records.InteractionResult`: ``trajectory``,
-        one :class:`TurnRecord` per turn, ``solved``, ``turns``, ``session_id``), so it never collides with
-        the program's own fields (ReAct's ``trajectory``). Stops once solved or after ``max_turns``. Safe to call
-        from many threads at once on one instance: each interaction runs in its own session, and their
-        model work is batched together. The new session also becomes the default one (for a single user
-        who then calls ``rosa2(...)`` / ``rosa2.session``).
-        """
-        if self.feedback_fn is None:
-            raise ValueError("interact() needs a feedback source: ROSA2(..., feedback=my_metric).")
-        self._weights_actor()  # before a session is opened
-        max_turns = max_turns or self.max_turns
-        session_id = self.store.start(session_id, carry_over_from=carry_over_from)
-        self.store.default_id = session_id
-        inputs = example.inputs()
-        # The task's accepted answer, for the Theorem 4.1 measurement only (never given to the weights step).
-        accepted = theorem41.accepted_answer(self.feedback_fn, example) if self.measure_theorem41 else (None, None)
-        prediction = None
-        with self.store.use(session_id) as session:
-            for turn in range(max_turns):
-                prediction = self(**inputs)
-                with session.lock:
-                    pending = session.pending
-                    start = time.perf_counter()
-                    # trace=None: DSPy metrics read a trace as "we are bootstrapping" and may change their result.
-                    verdict = call_feedback(self.feedback_fn, example, prediction, None, history=session.history,
-                                            threshold=self.threshold)
-                    pending.record.times["feedback"] = time.perf_counter() - start
-                    # after the last turn no answer would use an adaptation
-                    self._close_turn(session, verdict, adapt=turn < max_turns - 1, accepted=accepted)
-                    if verdict.solved:
-                        break
-            trajectory = session.history
-        result = InteractionPrediction(**dict(prediction.items()))
-        result.set_lm_usage(prediction.get_lm_usage())
-        result.rosa2 = InteractionResult(trajectory=trajectory, solved=bool(trajectory[-1].solved),
-                                         turns=len(trajectory), session_id=session_id)
-        return result
-
-    def as_interaction(self, max_turns: int | None = None, keep_sessions: bool = False) -> dspy.Module:
-        """This module as a DSPy program that runs one whole interaction per call, for ``dspy.Evaluate``
-        (see ``rosa2_dspy.interactions``)."""
-        from rosa2_dspy.interactions import Interaction
-
-        return Interaction(self, max_turns=max_turns, keep_sessions=keep_sessions)
-
-    def evaluate(self, devset: list[dspy.Example], metric: Any = None, **kwargs: Any) -> Any:
-        """``dspy.Evaluate`` over whole interactions, each example its own session; the result carries the
-        per-turn metrics as ``summary`` (see ``rosa2_dspy.interactions.evaluate``)."""
-        from rosa2_dspy.interactions import evaluate
-
-        return evaluate(self, devset, metric, **kwargs)
-
     # ------------------------------------------------------------------ async twins
 
     async def aforward(self, **inputs: Any) -> dspy.Prediction:
@@ -371,11 +313,6 @@ class ROSA2(ActorMixin, SessionsMixin, dspy.Module):
                      reference: dict[str, Any] | None = None) -> TurnRecord:
         """Async twin of :meth:`adapt`."""
         return await asyncio.to_thread(self.adapt, feedback, score, reference)
-
-    async def ainteract(self, example: dspy.Example, max_turns: int | None = None, session_id: str | None = None,
-                        carry_over_from: str | None = None) -> dspy.Prediction:
-        """Async twin of :meth:`interact`: ``await asyncio.gather(*(rosa2.ainteract(e) for e in examples))``."""
-        return await asyncio.to_thread(self.interact, example, max_turns, session_id, carry_over_from)
 
     # ------------------------------------------------------------------ saving and loading
 
