@@ -29,7 +29,13 @@ in one pass, each row under its own adapter. Which session a call runs in belong
 session (one user in a notebook). So one instance serves many users from threads
 (``dspy.Parallel``, ``dspy.Evaluate(num_threads=...)``, a thread pool over ``interact``) or asyncio
 (``acall``, ``ainteract``). ``start_session(carry_over_from=...)`` carries adaptation across
-conversations of one user. Persistence lives in ``rosa2_dspy.persistence``.
+conversations of one user.
+
+This file is the turn loop. ROSA2's other methods come from small mixins beside it, one concern each:
+which LM answers (``actor``, ``adapter``, ``policy``: ``rosa2_dspy.actors.ActorMixin``); the sessions API
+(``start_session``, ``in_session``...: ``rosa2_dspy.sessions.SessionsMixin``); whole interactions
+(``interact``, ``ainteract``, ``evaluate``: ``rosa2_dspy.interactions.InteractionsMixin``); saving,
+loading and DSPy's copy/pickle hooks (``rosa2_dspy.persistence.PersistenceMixin``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ import asyncio
 import copy
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import dspy
@@ -53,6 +58,7 @@ from rosa2_dspy.interactions import InteractionsMixin
 from rosa2_dspy.local_lm import LocalLM, lm_scope
 from rosa2_dspy.streaming import listening_to_copies
 from rosa2_dspy.turn import adapt_turn
+from rosa2_dspy.persistence import PersistenceMixin
 from rosa2_dspy.records import TurnRecord
 from rosa2_dspy.sessions import Session, SessionsMixin, SessionStore, Turn
 from rosa2_dspy.weights import ROSAStep, WeightOptimizer
@@ -71,7 +77,7 @@ class _Hidden:
         self.value = value
 
 
-class ROSA2(ActorMixin, SessionsMixin, InteractionsMixin, dspy.Module):
+class ROSA2(ActorMixin, SessionsMixin, InteractionsMixin, PersistenceMixin, dspy.Module):
     """Wrap a DSPy program so that it adapts its instructions and LoRA weights from feedback, turn by turn.
 
     Args:
@@ -313,62 +319,3 @@ class ROSA2(ActorMixin, SessionsMixin, InteractionsMixin, dspy.Module):
                      reference: dict[str, Any] | None = None) -> TurnRecord:
         """Async twin of :meth:`adapt`."""
         return await asyncio.to_thread(self.adapt, feedback, score, reference)
-
-    # ------------------------------------------------------------------ saving and loading
-
-    def save(self, path: str | Path, save_program: bool = False, modules_to_serialize: list | None = None) -> Path:
-        """Save the program's state and every session (instructions, turns, adapter), DSPy's way.
-
-        * ``save("rosa2.json")``: the state in ``rosa2.json``, the adapters beside it in ``rosa2.adapters/``;
-        * ``save("folder/")`` (no ``.json`` suffix): a folder with ``state.json``, ``adapters/<session>/``
-          and a manifest (see ``rosa2_dspy.persistence``);
-        * ``save("rosa2.pkl")`` and ``save("dir", save_program=True)``: DSPy's pickle forms; the model is
-          pickled as a handle and the adapters as safetensors bytes.
-
-        Each adapter is a PEFT folder's files (``adapter_model.safetensors`` + ``adapter_config.json``).
-        A parent program that contains this module saves the same state through its own ``save``. Adapters
-        are written through the actor's model: with ``lm=None``, save under the LocalLM you configured.
-        """
-        if save_program or Path(path).suffix == ".pkl":
-            super().save(path, save_program=save_program, modules_to_serialize=modules_to_serialize)
-            return Path(path)
-        return persistence.save(self, path)  # refuses adapters without their LocalLM
-
-    def load(self, path: str | Path, allow_pickle: bool = False, allow_unsafe_lm_state: bool = False) -> "ROSA2":
-        """Load what :meth:`save` wrote (a ``.json`` file, a folder, or with ``allow_pickle`` a ``.pkl``).
-        Everything is read and checked before anything is replaced."""
-        self._weights_actor()  # a weight mode reads the adapters through the actor's model
-        if Path(path).suffix == ".pkl":
-            super().load(path, allow_pickle=allow_pickle, allow_unsafe_lm_state=allow_unsafe_lm_state)
-        else:
-            persistence.load(self, path)
-        return self
-
-    def named_parameters(self):
-        # ``adaptation`` last: a parent's load_state applies it after the program's predictors.
-        params = super().named_parameters()
-        return [p for p in params if p[1] is not self.adaptation] + [p for p in params if p[1] is self.adaptation]
-
-    def __deepcopy__(self, memo: dict) -> "ROSA2":
-        # What copy.deepcopy did before __getstate__ existed (which pickling needs): a field-by-field copy.
-        clone = self.__class__.__new__(self.__class__)
-        memo[id(self)] = clone
-        for key, value in self.__dict__.items():
-            if key not in ("history", "callbacks"):
-                clone.__dict__[key] = copy.deepcopy(value, memo)
-        clone.history, clone.callbacks = [], []
-        return clone
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickling (``save_program=True``): sessions travel in the embedded state form (adapters as
-        safetensors bytes), the model as a handle that re-attaches on load; no locks, no live tensors."""
-        state = super().__getstate__()
-        state["store"] = None
-        state["_sessions_state"] = persistence.dump_state(self)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        sessions = state.pop("_sessions_state")
-        super().__setstate__(state)
-        self.store = SessionStore(self._fresh_state)
-        persistence.load_state(self, sessions, where="the pickled ROSA2 state")
