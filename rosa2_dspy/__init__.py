@@ -7,7 +7,9 @@ The tree follows the method:
 * ``adapter``   - DSPy adapters for small local models: lenient markers, or plain chat turns
 * ``words``     - the words step: textual-gradient rewrite of instructions (``InstructionRefiner``)
 * ``weights``   - the weights step: ROSA's one-step LoRA update (+ iterative TTT and no-update baselines)
-* ``rosa2``     - the module that joins them: ``ROSA2`` wraps any DSPy program; modes and sessions
+* ``rosa2``     - the module that joins them: ``ROSA2`` wraps any DSPy program; modes and the turn loop
+* ``actors``    - which LM answers for ROSA2, its DSPy adapter and LoRA policy
+* ``sessions``  - one conversation's state per session, and which session a call runs in
 * ``persistence`` - saving and loading sessions and adapters (a .json file, a folder, a parent's state)
 * ``teleprompt`` - ``WeightOptimizer.compile``: ROSA as a DSPy teleprompter for any program on a LocalLM
 * ``interactions`` - ``dspy.Evaluate`` over whole interactions (``Interaction``, ``as_interactions``)

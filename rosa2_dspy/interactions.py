@@ -1,4 +1,9 @@
-"""Evaluate whole interactions the DSPy way: ``dspy.Evaluate`` over conversations, not single answers.
+"""Whole interactions: the loop of turns with a feedback source, and ``dspy.Evaluate`` over such conversations.
+
+:func:`interact` (also ``ROSA2.interact``) is the loop: in a new session of its own, call the module, let
+the feedback source score the answer, close the turn (words and weights adapt, see ``rosa2_dspy.turn``),
+until the task is solved or the turns run out. :class:`InteractionsMixin` gives ROSA2 ``interact``,
+``ainteract``, ``as_interaction`` and ``evaluate``.
 
 ``dspy.Evaluate`` calls ``program(**example.inputs())`` once per example and scores that one answer. An
 interaction needs more: the feedback source must see the example's labels, every example needs its own
@@ -28,16 +33,56 @@ turns to solve, correction uplift...), and :func:`evaluate` (also ``ROSA2.evalua
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dspy
 
-from rosa2_dspy.records import summarize
+from rosa2_dspy import theorem41
+from rosa2_dspy.feedback import call_feedback
+from rosa2_dspy.records import InteractionPrediction, InteractionResult, summarize
 
 if TYPE_CHECKING:
     from rosa2_dspy.rosa2 import ROSA2
+
+
+def interact(rosa2: "ROSA2", example: dspy.Example, max_turns: int | None = None, session_id: str | None = None,
+             carry_over_from: str | None = None) -> dspy.Prediction:
+    """The loop behind ``ROSA2.interact`` (see there): new session, then turns of call, feedback, close
+    (adapting words and weights unless solved or last), until solved or ``max_turns``."""
+    if rosa2.feedback_fn is None:
+        raise ValueError("interact() needs a feedback source: ROSA2(..., feedback=my_metric).")
+    rosa2._weights_actor()  # before a session is opened
+    max_turns = max_turns or rosa2.max_turns
+    session_id = rosa2.store.start(session_id, carry_over_from=carry_over_from)
+    rosa2.store.default_id = session_id
+    inputs = example.inputs()
+    # The task's accepted answer, for the Theorem 4.1 measurement only (never given to the weights step).
+    accepted = theorem41.accepted_answer(rosa2.feedback_fn, example) if rosa2.measure_theorem41 else (None, None)
+    prediction = None
+    with rosa2.store.use(session_id) as session:
+        for turn in range(max_turns):
+            prediction = rosa2(**inputs)
+            with session.lock:
+                pending = session.pending
+                start = time.perf_counter()
+                # trace=None: DSPy metrics read a trace as "we are bootstrapping" and may change their result.
+                verdict = call_feedback(rosa2.feedback_fn, example, prediction, None, history=session.history,
+                                        threshold=rosa2.threshold)
+                pending.record.times["feedback"] = time.perf_counter() - start
+                # after the last turn no answer would use an adaptation
+                rosa2._close_turn(session, verdict, adapt=turn < max_turns - 1, accepted=accepted)
+                if verdict.solved:
+                    break
+        trajectory = session.history
+    result = InteractionPrediction(**dict(prediction.items()))
+    result.set_lm_usage(prediction.get_lm_usage())
+    result.rosa2 = InteractionResult(trajectory=trajectory, solved=bool(trajectory[-1].solved),
+                                     turns=len(trajectory), session_id=session_id)
+    return result
 
 
 def result_of(prediction: Any) -> Any:
@@ -121,3 +166,36 @@ def evaluate(rosa2: "ROSA2", devset: Sequence[dspy.Example], metric: Callable[..
     result = evaluator(Interaction(rosa2, max_turns=max_turns, keep_sessions=keep_sessions))
     result.summary = per_turn(result, max_turns or rosa2.max_turns)
     return result
+
+
+class InteractionsMixin:
+    """ROSA2's whole-interaction methods (mixed into :class:`~rosa2_dspy.rosa2.ROSA2`), over this module's functions."""
+
+    def interact(self, example: dspy.Example, max_turns: int | None = None, session_id: str | None = None,
+                 carry_over_from: str | None = None) -> dspy.Prediction:
+        """Run a whole interaction on ``example`` with the feedback source, in a new session of its own.
+
+        Returns the last prediction: the wrapped program's fields as it returned them, and ROSA2's data under
+        the reserved attribute ``rosa2`` (an :class:`~rosa2_dspy.records.InteractionResult`: ``trajectory``,
+        one :class:`TurnRecord` per turn, ``solved``, ``turns``, ``session_id``), so it never collides with
+        the program's own fields (ReAct's ``trajectory``). Stops once solved or after ``max_turns``. Safe to call
+        from many threads at once on one instance: each interaction runs in its own session, and their
+        model work is batched together. The new session also becomes the default one (for a single user
+        who then calls ``rosa2(...)`` / ``rosa2.session``).
+        """
+        return interact(self, example, max_turns, session_id, carry_over_from)
+
+    async def ainteract(self, example: dspy.Example, max_turns: int | None = None, session_id: str | None = None,
+                        carry_over_from: str | None = None) -> dspy.Prediction:
+        """Async twin of :meth:`interact`: ``await asyncio.gather(*(rosa2.ainteract(e) for e in examples))``."""
+        return await asyncio.to_thread(self.interact, example, max_turns, session_id, carry_over_from)
+
+    def as_interaction(self, max_turns: int | None = None, keep_sessions: bool = False) -> dspy.Module:
+        """This module as a DSPy program that runs one whole interaction per call, for ``dspy.Evaluate``
+        (see ``rosa2_dspy.interactions``)."""
+        return Interaction(self, max_turns=max_turns, keep_sessions=keep_sessions)
+
+    def evaluate(self, devset: list[dspy.Example], metric: Any = None, **kwargs: Any) -> Any:
+        """``dspy.Evaluate`` over whole interactions, each example its own session; the result carries the
+        per-turn metrics as ``summary`` (see ``rosa2_dspy.interactions.evaluate``)."""
+        return evaluate(self, devset, metric, **kwargs)

@@ -26,6 +26,9 @@ original instructions; every session's instructions, switch state and turns) and
   it as its ``adaptation`` parameter, see :class:`AdaptationState`), and what ``save_program=True``
   pickles instead of live tensors and locks.
 
+:class:`PersistenceMixin` gives ROSA2 its ``save`` and ``load`` over these forms (and DSPy's pickle forms)
+and the hooks DSPy calls by name: ``named_parameters``, ``__deepcopy__``, ``__getstate__``, ``__setstate__``.
+
 Every form is read the same untrusting way: checksums first (a mixed, partial or edited save is
 refused), no symlinks and no path outside the save, every field validated, and only instructions,
 demos, sessions and adapters restored — never LM settings or other attributes (DSPy's own
@@ -41,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import os
@@ -56,9 +60,10 @@ import torch
 import dspy
 from dspy.predict.parameter import Parameter
 
+from rosa2_dspy.actors import WEIGHT_MODES
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.records import TurnRecord
-from rosa2_dspy.sessions import Call, Session, Turn, check_session_id
+from rosa2_dspy.sessions import Call, Session, SessionStore, Turn, check_session_id
 
 if TYPE_CHECKING:
     from rosa2_dspy.rosa2 import ROSA2
@@ -355,9 +360,7 @@ def _plan(rosa2: "ROSA2", state: Any, path: Any,
           read_adapter: Callable[[str], torch.Tensor]) -> dict[str, Any]:
     """Check a state's fields against ``rosa2``; return what to apply. ``read_adapter(sid)`` reads and
     checks a session's adapter (called only when ``rosa2`` has a policy)."""
-    from rosa2_dspy.rosa2 import _WEIGHT_MODES
-
-    if rosa2.policy is None and rosa2.mode in _WEIGHT_MODES:
+    if rosa2.policy is None and rosa2.mode in WEIGHT_MODES:
         raise AdapterLoadError(f"Loading {path} in mode {rosa2.mode!r} reads adapters into the actor's LocalLM, and "
                                "none is set: load under dspy.context(lm=LocalLM(...)) or give ROSA2 an lm.")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -447,3 +450,65 @@ class AdaptationState(Parameter):
 
     def __repr__(self) -> str:
         return f"AdaptationState({len(self.rosa2.store)} sessions)"
+
+
+class PersistenceMixin:
+    """ROSA2's saving, loading and DSPy's copy/pickle hooks (mixed into :class:`~rosa2_dspy.rosa2.ROSA2`,
+    before ``dspy.Module``, whose methods they extend)."""
+
+    def save(self, path: str | Path, save_program: bool = False, modules_to_serialize: list | None = None) -> Path:
+        """Save the program's state and every session (instructions, turns, adapter), DSPy's way.
+
+        * ``save("rosa2.json")``: the state in ``rosa2.json``, the adapters beside it in ``rosa2.adapters/``;
+        * ``save("folder/")`` (no ``.json`` suffix): a folder with ``state.json``, ``adapters/<session>/``
+          and a manifest (see ``rosa2_dspy.persistence``);
+        * ``save("rosa2.pkl")`` and ``save("dir", save_program=True)``: DSPy's pickle forms; the model is
+          pickled as a handle and the adapters as safetensors bytes.
+
+        Each adapter is a PEFT folder's files (``adapter_model.safetensors`` + ``adapter_config.json``).
+        A parent program that contains this module saves the same state through its own ``save``. Adapters
+        are written through the actor's model: with ``lm=None``, save under the LocalLM you configured.
+        """
+        if save_program or Path(path).suffix == ".pkl":
+            super().save(path, save_program=save_program, modules_to_serialize=modules_to_serialize)
+            return Path(path)
+        return save(self, path)  # refuses adapters without their LocalLM
+
+    def load(self, path: str | Path, allow_pickle: bool = False, allow_unsafe_lm_state: bool = False) -> "ROSA2":
+        """Load what :meth:`save` wrote (a ``.json`` file, a folder, or with ``allow_pickle`` a ``.pkl``).
+        Everything is read and checked before anything is replaced."""
+        self._weights_actor()  # a weight mode reads the adapters through the actor's model
+        if Path(path).suffix == ".pkl":
+            super().load(path, allow_pickle=allow_pickle, allow_unsafe_lm_state=allow_unsafe_lm_state)
+        else:
+            load(self, path)
+        return self
+
+    def named_parameters(self):
+        # ``adaptation`` last: a parent's load_state applies it after the program's predictors.
+        params = super().named_parameters()
+        return [p for p in params if p[1] is not self.adaptation] + [p for p in params if p[1] is self.adaptation]
+
+    def __deepcopy__(self, memo: dict) -> "ROSA2":
+        # What copy.deepcopy did before __getstate__ existed (which pickling needs): a field-by-field copy.
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            if key not in ("history", "callbacks"):
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        clone.history, clone.callbacks = [], []
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``save_program=True``): sessions travel in the embedded state form (adapters as
+        safetensors bytes), the model as a handle that re-attaches on load; no locks, no live tensors."""
+        state = super().__getstate__()
+        state["store"] = None
+        state["_sessions_state"] = dump_state(self)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        sessions = state.pop("_sessions_state")
+        super().__setstate__(state)
+        self.store = SessionStore(self._fresh_state)
+        load_state(self, sessions, where="the pickled ROSA2 state")

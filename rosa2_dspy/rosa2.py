@@ -29,38 +29,42 @@ in one pass, each row under its own adapter. Which session a call runs in belong
 session (one user in a notebook). So one instance serves many users from threads
 (``dspy.Parallel``, ``dspy.Evaluate(num_threads=...)``, a thread pool over ``interact``) or asyncio
 (``acall``, ``ainteract``). ``start_session(carry_over_from=...)`` carries adaptation across
-conversations of one user. Persistence lives in ``rosa2_dspy.persistence``.
+conversations of one user.
+
+This file is the turn loop. ROSA2's other methods come from small mixins beside it, one concern each:
+which LM answers (``actor``, ``adapter``, ``policy``: ``rosa2_dspy.actors.ActorMixin``); the sessions API
+(``start_session``, ``in_session``...: ``rosa2_dspy.sessions.SessionsMixin``); whole interactions
+(``interact``, ``ainteract``, ``evaluate``: ``rosa2_dspy.interactions.InteractionsMixin``); saving,
+loading and DSPy's copy/pickle hooks (``rosa2_dspy.persistence.PersistenceMixin``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import dspy
-import torch
 
 from rosa2_dspy import persistence, theorem41
+from rosa2_dspy.actors import ActorMixin
 from rosa2_dspy.adapter import ConversationAdapter, LenientChatAdapter
 from rosa2_dspy.attribution import CallRecorder, extend_parent_trace, tag_predictors
 from rosa2_dspy.errors import FeedbackError, TurnFailedError
-from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, call_feedback, metric_caller
+from rosa2_dspy.feedback import Feedback, FeedbackFn, as_feedback, metric_caller
+from rosa2_dspy.interactions import InteractionsMixin
 from rosa2_dspy.local_lm import LocalLM, lm_scope
 from rosa2_dspy.streaming import listening_to_copies
 from rosa2_dspy.turn import adapt_turn
-from rosa2_dspy.policy import LoRAPolicy
-from rosa2_dspy.records import InteractionPrediction, InteractionResult, TurnRecord
-from rosa2_dspy.sessions import Session, SessionStore, Turn
+from rosa2_dspy.persistence import PersistenceMixin
+from rosa2_dspy.records import TurnRecord
+from rosa2_dspy.sessions import Session, SessionsMixin, SessionStore, Turn
 from rosa2_dspy.weights import ROSAStep, WeightOptimizer
 from rosa2_dspy.words import InstructionRefiner
 
 MODES = ("static", "prompt-only", "param-only", "switch", "joint")
-_WEIGHT_MODES = {"param-only", "switch", "joint"}
 
 
 class _Hidden:
@@ -73,7 +77,7 @@ class _Hidden:
         self.value = value
 
 
-class ROSA2(dspy.Module):
+class ROSA2(ActorMixin, SessionsMixin, InteractionsMixin, PersistenceMixin, dspy.Module):
     """Wrap a DSPy program so that it adapts its instructions and LoRA weights from feedback, turn by turn.
 
     Args:
@@ -186,115 +190,6 @@ class ROSA2(dspy.Module):
         if feedback is not None:
             metric_caller(feedback)
         self._feedback = _Hidden(feedback)
-
-    # ------------------------------------------------------------------ the actor
-
-    @staticmethod
-    def _check_actor(lm: Any, mode: str) -> None:
-        if mode in _WEIGHT_MODES and not isinstance(lm, LocalLM):
-            got = "no LM" if lm is None else type(lm).__name__
-            raise TypeError(
-                f"mode={mode!r} updates weights, which needs a LocalLM actor (a transformers + PEFT model); "
-                f"got {got}. Pass ROSA2(..., lm=LocalLM(...)) or configure one with dspy.configure(lm=LocalLM(...)) "
-                "/ dspy.context(lm=LocalLM(...)); or use mode='prompt-only' or 'static' with a served model."
-            )
-
-    @property
-    def actor(self) -> dspy.BaseLM | None:
-        """The LM that answers: ``lm`` if given, else the LM the program's predictors were set to (if they
-        share one), else the one configured in DSPy at call time (``dspy.configure`` / ``dspy.context``)."""
-        if self.lm is not None:
-            return self.lm
-        try:
-            own = self.program.get_lm()
-        except ValueError:  # predictors set to different LMs: each runs its own, the configured LM is the actor
-            own = None
-        return own or dspy.settings.lm
-
-    def _weights_actor(self) -> dspy.BaseLM | None:
-        """The actor, checked for this mode: a weight mode needs a LocalLM (raises TypeError saying what to do)."""
-        actor = self.actor
-        self._check_actor(actor, self.mode)
-        return actor
-
-    @property
-    def adapter(self) -> dspy.Adapter:
-        """The actor's DSPy adapter (used by the refiner too): the one given, else the actor's
-        ``default_adapter`` (a :class:`LocalLM`'s, ``LocalLM(adapter=...)``), else :class:`LenientChatAdapter`."""
-        return self._adapter or getattr(self.actor, "default_adapter", None) or self._fallback_adapter
-
-    @adapter.setter
-    def adapter(self, adapter: dspy.Adapter | None) -> None:
-        self._adapter = adapter
-
-    @property
-    def policy(self) -> LoRAPolicy | None:
-        """The actor's torch side (its :class:`LoRAPolicy`), or None when the actor is not a LocalLM."""
-        actor = self.actor
-        return actor.policy if isinstance(actor, LocalLM) else None
-
-    # ------------------------------------------------------------------ sessions
-
-    @property
-    def original_instructions(self) -> dict[str, str]:
-        """The wrapped program's current instruction per predictor: what a new session starts from.
-
-        Read from the program each time, so instructions an optimizer, ``load_state`` or a parent's ``load``
-        set after wrapping are what new sessions start from. Setting it sets the program's instructions.
-        """
-        return {n: p.signature.instructions for n, p in self.program.named_predictors()}
-
-    @original_instructions.setter
-    def original_instructions(self, instructions: dict[str, str]) -> None:
-        for name, predictor in self.program.named_predictors():
-            if name in instructions:
-                predictor.signature = predictor.signature.with_instructions(instructions[name])
-
-    def _fresh_state(self) -> tuple[dict[str, str], torch.Tensor | None]:
-        """A new session starts from the program's current words and the model's own adapter (the initial
-        one, unless the model was trained offline, e.g. by ``ROSAStep().compile``, or loaded)."""
-        policy = self.policy
-        if policy is None:
-            return self.original_instructions, None
-        with policy.lock:
-            return self.original_instructions, policy.adapter_vector()
-
-    @property
-    def sessions(self) -> dict[str, Session]:
-        """Every session by id (a snapshot; the sessions themselves are live)."""
-        return self.store.snapshot()
-
-    @property
-    def current_session_id(self) -> str | None:
-        """The session a call from here would run in (see :meth:`in_session`)."""
-        return self.store.current_id()
-
-    @property
-    def session(self) -> Session:
-        """The calling context's session (one is started on first use)."""
-        return self.store.current()
-
-    def start_session(self, session_id: str | None = None, carry_over_from: str | None = None) -> str:
-        """Start a conversation and make it the default session: the program's current instructions and the initial
-        adapter, or, with ``carry_over_from``, that session's instructions and adapter."""
-        return self.store.start(session_id, carry_over_from, make_default=True)
-
-    def use_session(self, session_id: str) -> None:
-        """Make ``session_id`` the default session (for calls that name none)."""
-        self.store.get(session_id)
-        self.store.default_id = session_id
-
-    def in_session(self, session_id: str) -> contextlib.AbstractContextManager[Session]:
-        """``with rosa2.in_session(sid): ...`` — calls from this thread or task run in ``sid``; other
-        threads are unaffected. The way to serve several users from one instance."""
-        return self.store.use(session_id)
-
-    def reset_session(self, session_id: str | None = None) -> None:
-        """Back to the program's current instructions and the initial adapter; the turns are forgotten."""
-        self.store.reset(session_id or self.session.session_id)
-
-    def end_session(self, session_id: str) -> None:
-        self.store.end(session_id)
 
     # ------------------------------------------------------------------ one turn: forward
 
@@ -410,65 +305,6 @@ class ROSA2(dspy.Module):
         """The words and weights steps of a closed turn (see :mod:`rosa2_dspy.turn`)."""
         adapt_turn(self, session, turn, reference, accepted)
 
-    # ------------------------------------------------------------------ whole interactions
-
-    def interact(self, example: dspy.Example, max_turns: int | None = None, session_id: str | None = None,
-                 carry_over_from: str | None = None) -> dspy.Prediction:
-        """Run a whole interaction on ``example`` with the feedback source, in a new session of its own.
-
-        Returns the last prediction: the wrapped program's fields as it returned them, and ROSA2's data under
-        the reserved attribute ``rosa2`` (an :class:`~rosa2_dspy.records.InteractionResult`: ``trajectory``,
-        one :class:`TurnRecord` per turn, ``solved``, ``turns``, ``session_id``), so it never collides with
-        the program's own fields (ReAct's ``trajectory``). Stops once solved or after ``max_turns``. Safe to call
-        from many threads at once on one instance: each interaction runs in its own session, and their
-        model work is batched together. The new session also becomes the default one (for a single user
-        who then calls ``rosa2(...)`` / ``rosa2.session``).
-        """
-        if self.feedback_fn is None:
-            raise ValueError("interact() needs a feedback source: ROSA2(..., feedback=my_metric).")
-        self._weights_actor()  # before a session is opened
-        max_turns = max_turns or self.max_turns
-        session_id = self.store.start(session_id, carry_over_from=carry_over_from)
-        self.store.default_id = session_id
-        inputs = example.inputs()
-        # The task's accepted answer, for the Theorem 4.1 measurement only (never given to the weights step).
-        accepted = theorem41.accepted_answer(self.feedback_fn, example) if self.measure_theorem41 else (None, None)
-        prediction = None
-        with self.store.use(session_id) as session:
-            for turn in range(max_turns):
-                prediction = self(**inputs)
-                with session.lock:
-                    pending = session.pending
-                    start = time.perf_counter()
-                    # trace=None: DSPy metrics read a trace as "we are bootstrapping" and may change their result.
-                    verdict = call_feedback(self.feedback_fn, example, prediction, None, history=session.history,
-                                            threshold=self.threshold)
-                    pending.record.times["feedback"] = time.perf_counter() - start
-                    # after the last turn no answer would use an adaptation
-                    self._close_turn(session, verdict, adapt=turn < max_turns - 1, accepted=accepted)
-                    if verdict.solved:
-                        break
-            trajectory = session.history
-        result = InteractionPrediction(**dict(prediction.items()))
-        result.set_lm_usage(prediction.get_lm_usage())
-        result.rosa2 = InteractionResult(trajectory=trajectory, solved=bool(trajectory[-1].solved),
-                                         turns=len(trajectory), session_id=session_id)
-        return result
-
-    def as_interaction(self, max_turns: int | None = None, keep_sessions: bool = False) -> dspy.Module:
-        """This module as a DSPy program that runs one whole interaction per call, for ``dspy.Evaluate``
-        (see ``rosa2_dspy.interactions``)."""
-        from rosa2_dspy.interactions import Interaction
-
-        return Interaction(self, max_turns=max_turns, keep_sessions=keep_sessions)
-
-    def evaluate(self, devset: list[dspy.Example], metric: Any = None, **kwargs: Any) -> Any:
-        """``dspy.Evaluate`` over whole interactions, each example its own session; the result carries the
-        per-turn metrics as ``summary`` (see ``rosa2_dspy.interactions.evaluate``)."""
-        from rosa2_dspy.interactions import evaluate
-
-        return evaluate(self, devset, metric, **kwargs)
-
     # ------------------------------------------------------------------ async twins
 
     async def aforward(self, **inputs: Any) -> dspy.Prediction:
@@ -483,67 +319,3 @@ class ROSA2(dspy.Module):
                      reference: dict[str, Any] | None = None) -> TurnRecord:
         """Async twin of :meth:`adapt`."""
         return await asyncio.to_thread(self.adapt, feedback, score, reference)
-
-    async def ainteract(self, example: dspy.Example, max_turns: int | None = None, session_id: str | None = None,
-                        carry_over_from: str | None = None) -> dspy.Prediction:
-        """Async twin of :meth:`interact`: ``await asyncio.gather(*(rosa2.ainteract(e) for e in examples))``."""
-        return await asyncio.to_thread(self.interact, example, max_turns, session_id, carry_over_from)
-
-    # ------------------------------------------------------------------ saving and loading
-
-    def save(self, path: str | Path, save_program: bool = False, modules_to_serialize: list | None = None) -> Path:
-        """Save the program's state and every session (instructions, turns, adapter), DSPy's way.
-
-        * ``save("rosa2.json")``: the state in ``rosa2.json``, the adapters beside it in ``rosa2.adapters/``;
-        * ``save("folder/")`` (no ``.json`` suffix): a folder with ``state.json``, ``adapters/<session>/``
-          and a manifest (see ``rosa2_dspy.persistence``);
-        * ``save("rosa2.pkl")`` and ``save("dir", save_program=True)``: DSPy's pickle forms; the model is
-          pickled as a handle and the adapters as safetensors bytes.
-
-        Each adapter is a PEFT folder's files (``adapter_model.safetensors`` + ``adapter_config.json``).
-        A parent program that contains this module saves the same state through its own ``save``. Adapters
-        are written through the actor's model: with ``lm=None``, save under the LocalLM you configured.
-        """
-        if save_program or Path(path).suffix == ".pkl":
-            super().save(path, save_program=save_program, modules_to_serialize=modules_to_serialize)
-            return Path(path)
-        return persistence.save(self, path)  # refuses adapters without their LocalLM
-
-    def load(self, path: str | Path, allow_pickle: bool = False, allow_unsafe_lm_state: bool = False) -> "ROSA2":
-        """Load what :meth:`save` wrote (a ``.json`` file, a folder, or with ``allow_pickle`` a ``.pkl``).
-        Everything is read and checked before anything is replaced."""
-        self._weights_actor()  # a weight mode reads the adapters through the actor's model
-        if Path(path).suffix == ".pkl":
-            super().load(path, allow_pickle=allow_pickle, allow_unsafe_lm_state=allow_unsafe_lm_state)
-        else:
-            persistence.load(self, path)
-        return self
-
-    def named_parameters(self):
-        # ``adaptation`` last: a parent's load_state applies it after the program's predictors.
-        params = super().named_parameters()
-        return [p for p in params if p[1] is not self.adaptation] + [p for p in params if p[1] is self.adaptation]
-
-    def __deepcopy__(self, memo: dict) -> "ROSA2":
-        # What copy.deepcopy did before __getstate__ existed (which pickling needs): a field-by-field copy.
-        clone = self.__class__.__new__(self.__class__)
-        memo[id(self)] = clone
-        for key, value in self.__dict__.items():
-            if key not in ("history", "callbacks"):
-                clone.__dict__[key] = copy.deepcopy(value, memo)
-        clone.history, clone.callbacks = [], []
-        return clone
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickling (``save_program=True``): sessions travel in the embedded state form (adapters as
-        safetensors bytes), the model as a handle that re-attaches on load; no locks, no live tensors."""
-        state = super().__getstate__()
-        state["store"] = None
-        state["_sessions_state"] = persistence.dump_state(self)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        sessions = state.pop("_sessions_state")
-        super().__setstate__(state)
-        self.store = SessionStore(self._fresh_state)
-        persistence.load_state(self, sessions, where="the pickled ROSA2 state")

@@ -9,6 +9,9 @@ the innermost ``with store.use(session_id):`` of the calling thread or asyncio t
 variable), else the store's default session — the single-user convenience: ``rosa2(...)`` then
 ``rosa2.adapt(...)`` in a notebook. Concurrent users name their session, or let ``interact()`` open one.
 
+:class:`SessionsMixin` is ROSA2's side of it (``start_session``, ``in_session``, ``session``...): thin
+methods over the module's :class:`SessionStore`.
+
 Example:
     >>> store = SessionStore(lambda: ({"predict": "Answer."}, None))
     >>> sid = store.start()
@@ -198,6 +201,72 @@ class SessionStore:
             yield session
         finally:
             self._context.reset(token)
+
+
+class SessionsMixin:
+    """ROSA2's sessions API (mixed into :class:`~rosa2_dspy.rosa2.ROSA2`): what a new session starts from,
+    and which session a call runs in; reads ``program``, ``policy`` and ``store`` (a :class:`SessionStore`)."""
+
+    @property
+    def original_instructions(self) -> dict[str, str]:
+        """The wrapped program's current instruction per predictor: what a new session starts from.
+
+        Read from the program each time, so instructions an optimizer, ``load_state`` or a parent's ``load``
+        set after wrapping are what new sessions start from. Setting it sets the program's instructions.
+        """
+        return {n: p.signature.instructions for n, p in self.program.named_predictors()}
+
+    @original_instructions.setter
+    def original_instructions(self, instructions: dict[str, str]) -> None:
+        for name, predictor in self.program.named_predictors():
+            if name in instructions:
+                predictor.signature = predictor.signature.with_instructions(instructions[name])
+
+    def _fresh_state(self) -> tuple[dict[str, str], torch.Tensor | None]:
+        """A new session starts from the program's current words and the model's own adapter (the initial
+        one, unless the model was trained offline, e.g. by ``ROSAStep().compile``, or loaded)."""
+        policy = self.policy
+        if policy is None:
+            return self.original_instructions, None
+        with policy.lock:
+            return self.original_instructions, policy.adapter_vector()
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        """Every session by id (a snapshot; the sessions themselves are live)."""
+        return self.store.snapshot()
+
+    @property
+    def current_session_id(self) -> str | None:
+        """The session a call from here would run in (see :meth:`in_session`)."""
+        return self.store.current_id()
+
+    @property
+    def session(self) -> Session:
+        """The calling context's session (one is started on first use)."""
+        return self.store.current()
+
+    def start_session(self, session_id: str | None = None, carry_over_from: str | None = None) -> str:
+        """Start a conversation and make it the default session: the program's current instructions and the initial
+        adapter, or, with ``carry_over_from``, that session's instructions and adapter."""
+        return self.store.start(session_id, carry_over_from, make_default=True)
+
+    def use_session(self, session_id: str) -> None:
+        """Make ``session_id`` the default session (for calls that name none)."""
+        self.store.get(session_id)
+        self.store.default_id = session_id
+
+    def in_session(self, session_id: str) -> contextlib.AbstractContextManager[Session]:
+        """``with rosa2.in_session(sid): ...`` — calls from this thread or task run in ``sid``; other
+        threads are unaffected. The way to serve several users from one instance."""
+        return self.store.use(session_id)
+
+    def reset_session(self, session_id: str | None = None) -> None:
+        """Back to the program's current instructions and the initial adapter; the turns are forgotten."""
+        self.store.reset(session_id or self.session.session_id)
+
+    def end_session(self, session_id: str) -> None:
+        self.store.end(session_id)
 
 
 def _clone(vector: torch.Tensor | None) -> torch.Tensor | None:
