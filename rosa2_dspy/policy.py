@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from rosa2_dspy.decoding import PrefixCache
 from rosa2_dspy.engine import Batcher, DivergenceRow, Generation, GenerationRow, LogProb, ScoreRow
 from rosa2_dspy.errors import AdapterLoadError
 from rosa2_dspy.multi_lora import MultiLoRA
@@ -146,6 +147,8 @@ class LoRAPolicy:
         self._tokenizer_lock = threading.Lock()
         self.multi_lora = MultiLoRA(self.model, self._params)
         self.batcher = Batcher(self)
+        # KV caches of system messages per adapter, reused across calls (``PrefixCache(0)``: off).
+        self.prefix_cache = PrefixCache()
         # Pickling (``save_program=True``) writes a handle, never the model: see :meth:`__reduce__`.
         self.key = uuid.uuid4().hex
         self.source: str | None = None  # what from_pretrained loaded, to rebuild the model in another process
@@ -267,7 +270,13 @@ class LoRAPolicy:
 
     def _prompt_ids(self, messages: ChatMessages) -> list[int]:
         """The chat template's tokens around each message's content, the content tokenized as plain text."""
+        return self._prompt(messages)[0]
+
+    def _prompt(self, messages: ChatMessages) -> tuple[list[int], int]:
+        """:meth:`_prompt_ids` and how many of them end with the first message when it is the system
+        message (the prefix every call of a DSPy predictor repeats; 0 otherwise)."""
         messages = list(messages)
+        prefix = 0
         marks = [f"\x00rosa2-content-{i}\x00" for i in range(len(messages))]
         rendered = self.tokenizer.apply_chat_template(
             [{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True, tokenize=False)
@@ -280,8 +289,10 @@ class LoRAPolicy:
             with self._tokenizer_lock:
                 ids += self.tokenizer(template, add_special_tokens=False)["input_ids"]
             ids += self._text_ids(message["content"])
+            if message is messages[0] and message.get("role") == "system":
+                prefix = len(ids)
         with self._tokenizer_lock:
-            return ids + list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+            return ids + list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"]), prefix
 
     def _response_ids(self, response: str) -> list[int]:
         # The end-of-turn token belongs to the response: it is what makes the model stop.
@@ -306,8 +317,9 @@ class LoRAPolicy:
         answers under that adapter instead of the policy's own. Concurrent calls from other threads are
         batched together by :attr:`batcher`, each row under its own adapter.
         """
-        prompt = self._prompt_ids(messages)
-        row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed)
+        prompt, prefix = self._prompt(messages)
+        row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed,
+                            prefix=prefix)
         out = self.batcher.generate([row])[0]
         return self._result(out, stop, len(prompt))
 
@@ -331,10 +343,10 @@ class LoRAPolicy:
         inside a multi-byte character. Text that could be the start of a ``stop`` string is held back until
         it is known not to be one.
         """
-        prompt = self._prompt_ids(messages)
+        prompt, prefix = self._prompt(messages)
         tokens: queue.SimpleQueue = queue.SimpleQueue()
         row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed,
-                            on_token=lambda index, token: tokens.put((index, token)))
+                            prefix=prefix, on_token=lambda index, token: tokens.put((index, token)))
         (future,) = self.batcher.submit("generate", [row])
         future.add_done_callback(lambda _: tokens.put(None))
         decoder = _Detokenizer(self.tokenizer, self._tokenizer_lock)

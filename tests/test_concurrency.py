@@ -13,7 +13,7 @@ import dspy
 import pytest
 import torch
 
-from rosa2_dspy.decoding import DecodeBatch, prefill_groups
+from rosa2_dspy.decoding import DecodeBatch, PrefixCache, prefill_groups
 from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
@@ -107,6 +107,44 @@ def test_a_request_arriving_mid_decode_joins_it_and_returns_when_its_own_rows_en
     assert long_future.result(10)[0].tokens == expected_long
     assert batcher.passes["generate"] == 1  # the short request joined the running decode
     assert len(expected_long) > 10 and True in seen  # ... and got its answer while the long row still decoded
+
+
+def long_system(question):
+    return [{"role": "system", "content": "You answer questions about arithmetic, fruit and spiders. " * 3},
+            {"role": "user", "content": question}]
+
+
+def test_a_cached_system_prompt_gives_the_answers_a_fresh_cache_gives(tiny_policy):
+    vectors = adapters(tiny_policy, 2)
+    prompt, prefix = tiny_policy._prompt(long_system(QUESTIONS[0]))
+    assert 16 <= prefix < len(prompt) and prompt[:prefix] == tiny_policy._prompt(long_system("other"))[0][:prefix]
+    fresh = [tiny_policy.generate(long_system(q), max_new_tokens=8, adapter=vectors[0]) for q in QUESTIONS]
+    cache = tiny_policy.prefix_cache
+    assert (cache.misses, cache.hits) == (1, 3)  # one system message, one adapter
+    again = [tiny_policy.generate(long_system(q), max_new_tokens=8, adapter=vectors[0]) for q in reversed(QUESTIONS)]
+    assert again[::-1] == fresh and cache.hits == 7
+    tiny_policy.generate(long_system(QUESTIONS[0]), max_new_tokens=8, adapter=vectors[1])
+    assert cache.misses == 2  # another adapter, another entry
+    # The split prefill computes the next-token distribution of the whole prompt at once (up to rounding).
+    logits = []
+    for cut in (prefix, 0):
+        with DecodeBatch(tiny_policy) as batch:
+            batch.admit([GenerationRow(prompt, vectors[0], max_new_tokens=1, prefix=cut)])
+            logits.append(batch._logits)
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    tiny_policy.prefix_cache = PrefixCache(max_tokens=0)  # off
+    tiny_policy.generate(long_system(QUESTIONS[0]), max_new_tokens=8, adapter=vectors[0])
+    assert (tiny_policy.prefix_cache.hits, tiny_policy.prefix_cache.misses) == (0, 0)
+
+
+def test_the_prefix_cache_keeps_at_most_max_tokens():
+    cache = PrefixCache(max_tokens=50)
+    vector = torch.zeros(4)
+    keys = [cache.key(list(range(i, i + 20)), vector) for i in range(3)]
+    for key in keys:
+        cache.put(key, [])
+    assert cache.get(keys[0]) is None and cache.get(keys[1]) == [] and cache.get(keys[2]) == []
+    assert cache.key([1, 2], vector) != cache.key([1, 2], vector + 1)
 
 
 def test_engine_decoding_equals_transformers_generate(tiny_policy):
