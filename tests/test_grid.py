@@ -118,3 +118,13 @@ def test_the_command_line_flag_sets_the_address(tiny_model_dir, tmp_path, monkey
     experiment.main(["--config", str(path), "--ray"])
     experiment.main(["--config", str(path), "--ray", "ray://head:10001"])
     assert seen == [{"chunk": 3, "address": None}, {"chunk": 3, "address": "ray://head:10001"}]
+
+
+def test_a_failing_cell_raises_its_error_on_the_driver_and_stops_the_local_ray(tiny_model_dir, tmp_path, no_ray_left):
+    missing = tmp_path / "no-model-here"
+    config = tiny_config(tiny_model_dir, actor={"model": str(missing), "max_tokens": 8}, ray={"chunk": 1})
+    progress = tmp_path / "fail.partial.jsonl"
+    with pytest.raises(Exception, match="no-model-here") as failure:
+        experiment.run_experiment(config, progress=False, progress_path=progress)
+    assert "ray" not in type(failure.value).__module__  # the worker's own error, not a wrapper
+    assert len(progress.read_text().splitlines()) == 1  # the header only: no conversation finished
