@@ -19,6 +19,8 @@ Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by
 
 ``actor.model`` is ``"embedded"``, a checkpoint folder or a hub id (a :class:`LocalLM`), or a litellm
 model string prefixed ``"litellm:"`` for a served actor (then only ``static`` and ``prompt-only`` run).
+``refiner.num_demos`` (optional, default 4) is how many shipped demos the refiner shows per call;
+``weights.max_history`` (optional) keeps at most that many earlier answers in a ROSA step (``ROSAStep``).
 ``refiner.lm`` is ``"actor"`` or any litellm model string. ``actor.adapter`` (optional) is the DSPy adapter,
 ``"plain"`` or ``"chat"``; without it a local actor uses ``LocalLM``'s default (``DEFAULT_ADAPTER``) and a
 served one ``LenientChatAdapter``.
@@ -222,7 +224,7 @@ def build_rosa2(config: dict[str, Any], actor: dspy.BaseLM, task: str, mode: str
                 refiner_lm: dspy.BaseLM | None = None, feedback: Any = None) -> ROSA2:
     """The ROSA2 of one mode as the config sets it up (``program``, ``refiner_lm``, ``feedback``: the
     config's unless given)."""
-    return ROSA2(
+    rosa2 = ROSA2(
         program or PROGRAMS[config.get("program", "predict")](signature_for(task)),
         actor,
         feedback or feedback_for(task, **resolve_protocol(config)[1]),
@@ -238,6 +240,9 @@ def build_rosa2(config: dict[str, Any], actor: dspy.BaseLM, task: str, mode: str
         measure_theorem41=config.get("measure_theorem41", True),
         theorem41_delta=config.get("theorem41_delta", DEFAULT_DELTA),
     )
+    if "num_demos" in config.get("refiner", {}):
+        rosa2.refiner.num_demos = int(config["refiner"]["num_demos"])
+    return rosa2
 
 
 def oracle_answer(config: dict[str, Any], actor: dspy.BaseLM, task: str, example: dspy.Example) -> list[TurnRecord]:

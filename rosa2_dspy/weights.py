@@ -139,12 +139,15 @@ class WeightOptimizer(Teleprompter):
         measure_after: bool = True,
         max_kl: float | None = DEFAULT_MAX_KL,
         max_backtracks: int = 4,
+        max_history: int | None = None,
     ) -> None:
         _finite(beta=beta, prior_baseline=prior_baseline, **({} if max_kl is None else {"max_kl": max_kl}))
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}.")
         if (max_kl is not None and max_kl <= 0) or max_backtracks < 0:
             raise ValueError("max_kl must be > 0 (or None to switch the check off) and max_backtracks >= 0.")
+        if max_history is not None and max_history < 0:
+            raise ValueError("max_history must be >= 0 (or None: every earlier answer of the conversation).")
         include = frozenset(include)
         if not include <= ALL_SOURCES:
             raise ValueError(f"include must be a subset of {sorted(ALL_SOURCES)}, got {sorted(include)}.")
@@ -155,6 +158,7 @@ class WeightOptimizer(Teleprompter):
         self.measure_after = measure_after
         self.max_kl = max_kl
         self.max_backtracks = max_backtracks
+        self.max_history = max_history
         self._previous: torch.Tensor | None = None
 
     # -- DSPy teleprompter entry point (the loop lives in rosa2_dspy.teleprompt)
@@ -187,7 +191,12 @@ class WeightOptimizer(Teleprompter):
         return (rewards - baseline) / self.beta
 
     def _select(self, responses: Sequence[ScoredResponse]) -> list[ScoredResponse]:
-        return [r for r in responses if r.source in self.include]
+        chosen = [r for r in responses if r.source in self.include]
+        if self.max_history is None:
+            return chosen
+        history = [i for i, r in enumerate(chosen) if r.source == "history"]
+        dropped = set(history[: max(len(history) - self.max_history, 0)])  # the oldest earlier answers
+        return [r for i, r in enumerate(chosen) if i not in dropped]
 
     def _value(self, lp: Any) -> float:
         return lp.mean if self.length_normalize else lp.total
@@ -317,6 +326,9 @@ class ROSAStep(WeightOptimizer):
         max_norm: trust-region radius on ``‖Δθ‖``; a longer step is scaled back onto it.
         include: which response sources to use (``current``, ``history``, ``reference``).
         length_normalize: use mean per-token log-probs instead of sums.
+        max_history: keep at most this many of the conversation's earlier answers (the most recent); the
+            turn's own answers and the reference are always kept. None: all of them. A step's cost grows
+            with its responses (one gradient row each).
 
     Example:
         >>> step = ROSAStep(beta=0.5).step(lm.policy, [ScoredResponse(msgs, "4", 0.0),   # doctest: +SKIP

@@ -331,3 +331,17 @@ def test_the_baselines_take_the_same_teleprompter_contract(tiny_lm):
         IterativeTTT(steps=2, lr=1e-2).compile(dspy.Predict("question -> answer"), trainset=TRAINSET[:2],
                                                metric=exact, batch_size=2)
     assert not torch.equal(tiny_lm.policy.adapter_vector(), start)
+
+
+def test_max_history_keeps_the_most_recent_earlier_answers(policy):
+    answers = [ScoredResponse(PROMPT, f"It is {n}.", 0.0, "history") for n in (1, 2, 3)]
+    responses = answers + [ScoredResponse(PROMPT, "It is 4.", 0.0, "current"),
+                           ScoredResponse(PROMPT, "It is 5.", 1.0, "reference")]
+    kept = ROSAStep(max_history=1)._select(responses)
+    assert [r.completion for r in kept] == ["It is 3.", "It is 4.", "It is 5."]
+    assert ROSAStep(max_history=0)._select(responses) == responses[3:]
+    assert ROSAStep()._select(responses) == responses
+    step = ROSAStep(max_history=1).step(policy, responses, apply=False)
+    assert step.num_responses == 3
+    with pytest.raises(ValueError, match="max_history"):
+        ROSAStep(max_history=-1)
