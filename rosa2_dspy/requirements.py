@@ -35,7 +35,8 @@ _BLOCK = re.compile(r"\n*^" + re.escape(HEADER) + r"[ \t]*$", re.MULTILINE)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _STATES_ANSWER = re.compile(r"\b(?:correct|right|final|the)\s+(?:answer|result|solution)\s+(?:is|was|=|:)\s*\S",
                             re.IGNORECASE)
-_COMPLAINT = re.compile(r"\b(?:is|was|are|were)\s+(?:wrong|incorrect|not (?:right|correct|what i meant))\b",
+# "... is wrong": a requirement that only calls something wrong (words._ONLY_COMPLAINT: a sentence that is nothing else)
+_CALLS_WRONG = re.compile(r"\b(?:is|was|are|were)\s+(?:wrong|incorrect|not (?:right|correct|what i meant))\b",
                         re.IGNORECASE)
 _FIELD_MARKER = re.compile(r"\[+\s*#|#+\s*\]+")
 # Words that say nothing about *which* requirement it is: two requirements sharing only these are unrelated.
@@ -139,20 +140,21 @@ def rejection_reason(requirement: str, forbidden: set[str], answers: Sequence[st
         return "leaks format markers or code"
     if _STATES_ANSWER.search(text):
         return "states a specific answer"
-    if _COMPLAINT.search(text):
+    if _CALLS_WRONG.search(text):
         return "a complaint, not a requirement"
     if any(_canonical(n) in forbidden for n in _NUMBER.findall(text)):
         return "copies a number of a specific question or answer"
-    if _echoes(text, answers):
+    if echoes(text, answers):
         return "echoes the model's answer"
     return ""
 
 
-def _echoes(text: str, answers: Sequence[str], span: int = 30) -> bool:
-    """True when ``text`` copies a ``span``-character stretch of one of ``answers``."""
+def echoes(text: str, answers: Sequence[str], span: int = 30, step: int = 5) -> bool:
+    """True when ``text`` copies a ``span``-character stretch of one of ``answers`` (whitespace and case
+    ignored; stretches starting every ``step`` characters are tried)."""
     compact = " ".join(text.split()).lower()
     past = [" ".join(str(a).split()).lower() for a in answers]
-    return any(compact[i : i + span] in a for i in range(0, max(len(compact) - span + 1, 0), 5) for a in past)
+    return any(compact[i : i + span] in a for i in range(0, max(len(compact) - span + 1, 0), step) for a in past)
 
 
 def sentences(text: str) -> list[str]:

@@ -220,7 +220,7 @@ class InstructionRefiner(dspy.Module):
             return "refined instruction is not prose (too few words)"
         if _repeats_itself(text):
             return "refined instruction repeats itself (a degenerate generation)"
-        if "```" in text or "| feedback:" in text or _echoes(text, history):
+        if "```" in text or "| feedback:" in text or requirements.echoes(text, _answers_in(history), span=40, step=10):
             return "refined instruction echoes the conversation instead of instructing"
         return ""
 
@@ -228,11 +228,12 @@ class InstructionRefiner(dspy.Module):
                    forbidden: set[str] | None = None, proposed: list[str] | None = None,
                    rejected: list[list[str]] | None = None, diagnosis: str = "") -> dspy.Prediction:
         # Sentences of the feedback that quote the model's earlier answers are no requirement: drop them.
-        kept = [s for s in requirements.sentences(feedback) if not _echoes(s, history, span=30)]
+        past = _answers_in(history)
+        kept = [s for s in requirements.sentences(feedback) if not requirements.echoes(s, past, span=30, step=10)]
         said = " ".join(kept)
         if self.style == "requirements":
             # Each remaining sentence must itself be fit for the words (no example values, no answers).
-            fit = [s for s in kept if not _COMPLAINT.match(s)
+            fit = [s for s in kept if not _ONLY_COMPLAINT.match(s)
                    and not requirements.rejection_reason(f"The user said: {s}", forbidden or set(), answers)]
             requirement = f"The user said: {' '.join(fit)}"
             usable = self.fallback == "append" and fit and len(requirement) <= requirements.MAX_REQUIREMENT_CHARS
@@ -246,8 +247,9 @@ class InstructionRefiner(dspy.Module):
                                source="kept")
 
 
-# Whole sentences of feedback that say "wrong" without saying what is wanted.
-_COMPLAINT = re.compile(
+# Whole sentences of feedback that say "wrong" without saying what is wanted (requirements._CALLS_WRONG
+# refuses a requirement that calls something wrong inside it).
+_ONLY_COMPLAINT = re.compile(
     r"^\W*(?:(?:no|nope|wrong|incorrect|not quite)\W*)?(?:that'?s (?:not right|not it|wrong|incorrect)\W*)?$"
     r"|^\W*your answer\b.*\bnot what i meant\W*$|^\W*check your work\b|^\W*i got no answer\b",
     re.IGNORECASE)
@@ -275,12 +277,7 @@ def _repeats_itself(text: str) -> bool:
     return len(parts) != len(set(parts))
 
 
-def _echoes(text: str, history: str, span: int = 40) -> bool:
-    """True when ``text`` copies a ``span``-character stretch of an earlier *answer* verbatim.
-
-    History lines read ``Turn k (reward r): answer: ... | feedback: ...``; only the answer part counts,
-    since quoting the user's own words in the instruction is fine.
-    """
-    compact = " ".join(text.split())
-    past = " ".join(" ".join(line.split("| feedback:")[0].split()) for line in history.splitlines())
-    return len(compact) >= span and any(compact[i : i + span] in past for i in range(0, len(compact) - span + 1, 10))
+def _answers_in(history: str) -> list[str]:
+    """The *answers* of a history text, whose lines read ``Turn k (reward r): answer: ... | feedback: ...``
+    (quoting the user's own words in the instruction is fine; copying the model's answer is not)."""
+    return [line.split("| feedback:")[0] for line in history.splitlines()]
