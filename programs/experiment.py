@@ -343,27 +343,32 @@ def progress_path_for(name: str) -> Path:
 
 
 def run_experiment(config: dict[str, Any], progress: bool = True, progress_path: str | Path | None = None,
-                   fresh: bool = False) -> dict[str, Any]:
+                   fresh: bool = False, finished_only: bool = False) -> dict[str, Any]:
     """Run every configured mode; returns {"config", "protocol", "summaries", "comparisons", "theorem_4_1",
     "step_norm_comparison", "trajectories", "wall_seconds", "resumed", ...}.
 
     The actor is built from ``config["actor"]`` for each run, so a results file always describes the
     model settings (``max_tokens``, LoRA shape) its answers were produced with. With ``progress_path``
     each finished conversation is appended there, and the conversations an earlier run of the same
-    config finished are read back instead of run again (``fresh=True`` discards them).
+    config finished are read back instead of run again (``fresh=True`` discards them). Conversations run
+    task by task (every mode of task 0, then of task 1, ...), so an interrupted run has covered every mode
+    on its first tasks. ``finished_only=True`` runs nothing: it analyses the tasks that every mode (and the
+    oracle row) finished in the progress file, and says so under ``partial``.
     """
     protocol, _ = resolve_protocol(config)
     config = {**config, "protocol": protocol}
     examples = task_examples(config)
     modes = mode_names(config)
     rows = modes + ([ORACLE] if config.get("oracle") else [])
-    jobs = [(mode, i) for mode in rows for i in range(len(examples))]
+    jobs = [(mode, i) for i in range(len(examples)) for mode in rows]  # task-major: a partial run covers every mode
     store = ProgressFile(Path(progress_path), config_hash(config, examples), config) if progress_path else None
     done = store.load(fresh) if store else {}
     wanted = set(jobs)
     records: dict[tuple[str, int], list[TurnRecord]] = {job: t for job, t in done.items() if job in wanted}
     todo = [job for job in jobs if job not in records]
 
+    if finished_only:
+        return _analyse_finished(config, examples, rows, records, len(jobs))
     start = time.perf_counter()
     if todo and config.get("ray") not in (None, False):
         from programs.grid import run_on_ray  # Ray is an optional extra: imported only when asked for
@@ -377,6 +382,21 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
     steps = [e.get("steps") for e in examples]
     results = analyse(config, trajectories, steps if all(s is not None for s in steps) else None)
     results.update(wall_seconds=wall, resumed=len(jobs) - len(todo))
+    return results
+
+
+def _analyse_finished(config: dict[str, Any], examples: list[dspy.Example], rows: list[str],
+                      records: dict[tuple[str, int], list[TurnRecord]], conversations: int) -> dict[str, Any]:
+    """The analysis of the tasks every row finished (an interrupted run's progress file), marked ``partial``."""
+    complete = [i for i in range(len(examples)) if all((mode, i) in records for mode in rows)]
+    if not complete:
+        raise SystemExit("No task has finished in every mode yet: nothing to analyse (run without --finished-only).")
+    trajectories = {mode: [records[(mode, i)] for i in complete] for mode in rows}
+    steps = [examples[i].get("steps") for i in complete]
+    results = analyse(config, trajectories, steps if all(s is not None for s in steps) else None)
+    results.update(wall_seconds=None, resumed=len(records), partial={
+        "tasks_complete": len(complete), "tasks": len(examples), "task_indices": complete,
+        "conversations_finished": len(records), "conversations": conversations})
     return results
 
 
@@ -632,6 +652,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="run the grid's cells (mode × chunk of tasks) as Ray tasks: on a local Ray started for "
                              "the run, or on the cluster at ADDRESS ('auto', 'ray://head:10001'); see programs.grid")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="run nothing: analyse the tasks every mode of an interrupted run finished, write the "
+                             "results file (marked partial) and keep the progress file for a later resume")
     parser.add_argument("--reanalyse", default=None, metavar="RESULTS_JSON",
                         help="recompute statistics of an existing results file from its turn records, then exit")
     args = parser.parse_args(argv)
@@ -656,11 +679,13 @@ def main(argv: list[str] | None = None) -> None:
     name = args.name or config.get("name", "experiment")
     progress_path = progress_path_for(name)
     try:
-        results = run_experiment(config, progress_path=progress_path, fresh=args.fresh)
+        results = run_experiment(config, progress_path=progress_path, fresh=args.fresh,
+                                 finished_only=args.finished_only)
     except ConfigMismatchError as err:
         raise SystemExit(str(err)) from None
     report(results, name)
-    ProgressFile(progress_path, "", {}).remove()
+    if not args.finished_only:
+        ProgressFile(progress_path, "", {}).remove()
 
 
 if __name__ == "__main__":

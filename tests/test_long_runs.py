@@ -173,3 +173,26 @@ def test_the_command_line_resumes_refuses_and_names_the_protocol(tiny_model_dir,
     assert written["protocol"] == "none" and written["config"]["protocol"] == "none"
     assert "protocol none" in written["title"] and written["resumed"] == done_before
     assert not progress.exists()  # the results file now holds everything
+
+
+def test_an_interrupted_run_covers_every_mode_of_its_first_tasks_and_can_be_analysed_as_it_stands(
+        tiny_model_dir, tmp_path, monkeypatch, ran, one_torch_thread):
+    config = tiny_config(tiny_model_dir)
+    questions = [e.question for e in experiment.load_task("intent", limit=3, spread=True)]
+    progress = tmp_path / "partial.partial.jsonl"
+    monkeypatch.setattr(experiment, "feedback_for", failing_on(questions[2]))
+    with pytest.raises(Interrupted):
+        experiment.run_experiment(config, progress=False, progress_path=progress)  # one conversation at a time
+    asked = [q for _, q in ran]
+    assert asked[:4] == [questions[0]] * 2 + [questions[1]] * 2 and set(asked[4:]) == {questions[2]}  # task by task
+    ran.clear()
+    partial = experiment.run_experiment(config, progress=False, progress_path=progress, finished_only=True)
+    assert ran == []  # nothing runs
+    assert partial["partial"] == {"tasks_complete": 2, "tasks": 3, "task_indices": [0, 1],
+                                  "conversations_finished": 4, "conversations": 6}
+    assert all(len(partial["trajectories"][mode]) == 2 for mode in config["modes"])
+    assert all(s["tasks"] == 2 for s in partial["summaries"].values())
+    assert len(read_progress(progress)[1]) == 4  # kept for the resume
+    with pytest.raises(SystemExit, match="No task has finished"):
+        experiment.run_experiment(config, progress=False, progress_path=tmp_path / "none.partial.jsonl",
+                                  finished_only=True)
