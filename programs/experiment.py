@@ -502,6 +502,9 @@ def table_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "turns-to-solve": with_ci(s["turns_to_solve"], s.get("turns_to_solve_ci")),
             "mean turns": with_ci(s["mean_turns"], s.get("mean_turns_ci")),
             "correction uplift": with_ci(s["correction_uplift"], s.get("correction_uplift_ci")),
+            **({"reward@1": with_ci(s["reward_per_turn"][0], s["reward_per_turn_ci"][0]),
+                f"reward@{len(s['reward_per_turn'])}": with_ci(s["reward_per_turn"][-1], s["reward_per_turn_ci"][-1])}
+               if s.get("reward_per_turn") else {}),
             "mean |Δθ|": s["mean_delta_norm"],
             "degenerate at end": s["degenerate_final"],
             **{f"{p} s/turn": v for p, v in s["seconds_per_turn"].items()},

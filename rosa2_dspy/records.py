@@ -149,6 +149,8 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
       so a solved task counts as solved at every later turn);
     * ``turns_to_solve``: mean turns over the solved tasks, and ``mean_turns`` over all (unsolved = max);
     * ``correction_uplift``: share of first-turn failures solved later;
+    * ``reward_per_turn[k]``: mean reward at turn k+1 (a finished interaction keeps its last reward), the
+      partial credit a task gives (e.g. the intent format right but the value wrong);
     * mean ``‖Δθ‖`` over turns with an applied weights step, and mean seconds per phase per turn;
     * ``degenerate_final``: share of interactions whose last answer is :func:`degenerate`;
     * ``parse_rate`` (:func:`parse_rate`) and ``words`` (:func:`words_summary`);
@@ -169,6 +171,10 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
     all_turns = [s if s is not None else max_turns for s in solved_at]
     accuracy_ci = [bootstrap_ci(solved_by(solved_at, k)) for k in range(1, max_turns + 1)] if n else []
     corrected = [int(s is not None) for s in first_failures]
+    # The reward at each turn (a finished conversation keeps its last one): partial credit where a task
+    # gives it (e.g. generated intent tasks: format and value, half each), which acc@k cannot show.
+    rewards = [[float(r) for t in trajectories if t and (r := t[min(k, len(t)) - 1].reward) is not None]
+               for k in range(1, max_turns + 1)]
     return {
         "tasks": n,
         "accuracy_per_turn": accuracy,
@@ -181,6 +187,8 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
         "mean_turns_ci": bootstrap_ci(all_turns),
         "correction_uplift": sum(corrected) / len(corrected) if corrected else 0.0,
         "correction_uplift_ci": bootstrap_ci(corrected),
+        "reward_per_turn": [statistics.mean(r) if r else None for r in rewards],
+        "reward_per_turn_ci": [bootstrap_ci(r) for r in rewards],
         "solved_at": solved_at,
         "mean_delta_norm": statistics.mean(norms) if norms else 0.0,
         "seconds_per_turn": {p: statistics.mean(r.times[p] for r in turns) if turns else 0.0 for p in PHASES},

@@ -105,3 +105,17 @@ def test_summaries_count_conversations_that_end_in_degenerate_output():
     babble = TurnRecord(turn=1, mode="joint", instructions={}, outputs={"answer": "\ufffd\ufffd x \ufffd"})
     fluent = TurnRecord(turn=1, mode="joint", instructions={}, outputs={"answer": "3000 m"})
     assert summarize([[babble], [fluent], [fluent, babble], [babble, fluent]], 2)["degenerate_final"] == 0.5
+
+
+def test_reward_per_turn_keeps_a_finished_conversations_last_reward():
+    from rosa2_dspy.records import TurnRecord, summarize
+
+    def run(*rewards, solved_last=False):
+        return [TurnRecord(turn=i + 1, mode="joint", instructions={}, outputs={}, reward=r,
+                           solved=solved_last and i == len(rewards) - 1)
+                for i, r in enumerate(rewards)]
+
+    summary = summarize([run(0.0, 0.5, 1.0, solved_last=True), run(0.5, 0.5, 0.5, 0.5), run(0.0, 0.0, 0.0, 0.5)], 4)
+    assert summary["reward_per_turn"] == pytest.approx([1 / 6, 1 / 3, 0.5, 2 / 3])
+    low, high = summary["reward_per_turn_ci"][3]
+    assert low <= 2 / 3 <= high
