@@ -196,3 +196,17 @@ def openai_stub(openai_server):
     stub = OpenAIStub(openai_server)
     yield stub
     stub.close()
+
+
+def tiny_experiment_config(model_dir, **overrides):
+    """A mode-comparison config on the tiny model saved at ``model_dir`` (``tiny_model_dir``): 3 intent tasks,
+    prompt-only and joint, 2 turns, the answer revealed after the first feedback; ``overrides`` replace keys."""
+    config = {
+        "name": "resume", "task": "intent", "limit": 3, "spread": True, "max_turns": 2,
+        "modes": ["prompt-only", "joint"], "concurrency": 1, "protocol": "answer", "feedback": {"reveal_after": 1},
+        "actor": {"model": str(model_dir), "max_tokens": 8, "lora": {"rank": 4, "alpha": 8}},
+        "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 8},
+        "weights": {"beta": 0.05, "max_norm": 2.0},
+    }
+    config.update(overrides)
+    return config

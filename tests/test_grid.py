@@ -13,18 +13,11 @@ import psutil
 import pytest
 
 from programs import experiment, grid, reporting
+from conftest import tiny_experiment_config
 
 
 def tiny_config(model_dir, **overrides):
-    config = {
-        "name": "grid", "task": "intent", "limit": 2, "spread": True, "max_turns": 2,
-        "modes": ["prompt-only", "joint"], "concurrency": 2, "protocol": "answer", "feedback": {"reveal_after": 1},
-        "actor": {"model": str(model_dir), "max_tokens": 8, "lora": {"rank": 4, "alpha": 8}},
-        "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 8},
-        "weights": {"beta": 0.05, "max_norm": 2.0},
-    }
-    config.update(overrides)
-    return config
+    return tiny_experiment_config(model_dir, **{"name": "grid", "limit": 2, "concurrency": 2, **overrides})
 
 
 def ray_processes():

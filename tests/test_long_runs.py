@@ -13,20 +13,9 @@ import math
 import pytest
 
 from programs import experiment, reporting
+from conftest import tiny_experiment_config as tiny_config
 from programs.tasks import feedback_for as real_feedback_for
 from rosa2_dspy import ROSA2
-
-
-def tiny_config(model_dir, **overrides):
-    config = {
-        "name": "resume", "task": "intent", "limit": 3, "spread": True, "max_turns": 2,
-        "modes": ["prompt-only", "joint"], "concurrency": 1, "protocol": "answer", "feedback": {"reveal_after": 1},
-        "actor": {"model": str(model_dir), "max_tokens": 8, "lora": {"rank": 4, "alpha": 8}},
-        "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 8},
-        "weights": {"beta": 0.05, "max_norm": 2.0},
-    }
-    config.update(overrides)
-    return config
 
 
 class Interrupted(RuntimeError):
