@@ -242,15 +242,14 @@ class DecodeBatch:
         vectors = stack_adapters([r.adapter for r in rows], self.device)
         if self.size and not self.mergeable:
             raise RuntimeError("This model's KV cache cannot take rows into a running batch.")
-        if self.mergeable:
-            cached = [i for i, r in enumerate(rows) if self._prefix_of(r)]
-            rest = [i for i in range(len(rows)) if not self._prefix_of(rows[i])]
-            groups = [[i] for i in cached] + [[rest[j] for j in g] for g in prefill_groups([len(rows[i].prompt) for i in rest])]
-        else:
-            groups = [list(range(len(rows)))]
+        prefixed = [i for i, r in enumerate(rows) if self._prefix_of(r)]  # each alone, through the prefix cache
+        rest = [i for i in range(len(rows)) if i not in prefixed]
+        grouped = [[rest[j] for j in g] for g in prefill_groups([len(rows[i].prompt) for i in rest])] \
+            if self.mergeable else [rest] if rest else []
+        groups = [[i] for i in prefixed] + grouped
         try:
-            parts = [self._prefill_with_prefix(rows[g[0]], vectors[g]) if self.mergeable and self._prefix_of(rows[g[0]])
-                     else self._prefill([rows[i] for i in g], vectors[g]) for g in groups]
+            parts = [self._prefill_with_prefix(rows[i], vectors[[i]]) for i in prefixed] + \
+                    [self._prefill([rows[i] for i in g], vectors[g]) for g in grouped]
         finally:
             if self._vectors is not None:
                 self.policy.multi_lora.replace(self._vectors)
@@ -288,7 +287,8 @@ class DecodeBatch:
     def _prefix_of(self, row: GenerationRow) -> int:
         """How many of ``row``'s prompt tokens go through the prefix cache (0: none)."""
         cache = self.policy.prefix_cache
-        usable = cache is not None and cache.max_tokens > 0 and MIN_PREFIX <= row.prefix < len(row.prompt)
+        usable = (self.mergeable and cache is not None and cache.max_tokens > 0
+                  and MIN_PREFIX <= row.prefix < len(row.prompt))
         return row.prefix if usable else 0
 
     def _prefill_with_prefix(self, row: GenerationRow, vector: torch.Tensor):
