@@ -34,6 +34,7 @@ import dspy
 import torch
 
 from programs import experiment
+from programs.random_model import resolve_model
 from programs.reporting import RESULTS_DIR, format_table, machine_facts
 from programs.tasks import load_task
 from rosa2_dspy.adapter import LenientChatAdapter
@@ -79,11 +80,12 @@ def concurrent_tokens_per_second(policy: LoRAPolicy, adapters: list[torch.Tensor
             "passes": policy.batcher.passes["generate"] - passes}
 
 
-def bench_generation(policy: LoRAPolicy, max_new_tokens: int) -> dict[str, Any]:
-    adapters = distinct_adapters(policy, 16)
+def bench_generation(policy: LoRAPolicy, max_new_tokens: int,
+                     conversations: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[str, Any]:
+    adapters = distinct_adapters(policy, max(conversations))
     concurrent_tokens_per_second(policy, adapters[:2], 8)  # warm-up
     rows = []
-    for n in (1, 2, 4, 8, 16):
+    for n in conversations:
         runs = [concurrent_tokens_per_second(policy, adapters[:n], max_new_tokens) for _ in range(2)]
         rows.append(max(runs, key=lambda r: r["tokens_per_s"]))
     base = rows[0]["tokens_per_s"]
@@ -91,7 +93,7 @@ def bench_generation(policy: LoRAPolicy, max_new_tokens: int) -> dict[str, Any]:
         row["speedup"] = row["tokens_per_s"] / base
     # A lone request: LocalLM's path (batcher, per-row LoRA, own decode loop) vs transformers' generate.
     policy.set_adapter_vector(adapters[0])
-    ids = torch.tensor([policy._prompt_ids(story(0))])
+    ids = torch.tensor([policy._prompt_ids(story(0))], device=policy.device)
     start = time.perf_counter()
     out = policy.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -125,11 +127,11 @@ def pre_issue_logprobs(policy: LoRAPolicy, pairs, *, with_grad: bool = False, ad
         try:
             for messages, response in pairs:
                 prompt, answer = policy._prompt_ids(messages), policy._response_ids(response)
-                ids = torch.tensor([prompt + answer])
+                ids = torch.tensor([prompt + answer], device=policy.device)
                 with torch.set_grad_enabled(with_grad):
                     logits = policy.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
                     total = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt):, None]).sum()
-                    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, policy._params)]) \
+                    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, policy._params)]).float().cpu() \
                         if with_grad else None
                 results.append(LogProb(float(total.detach()), len(answer), grad))
         finally:
@@ -218,12 +220,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", default="generation,weights,main")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--config", default="default", help="the main job's config for the 'main' part")
+    parser.add_argument("--conversations", default="1,2,4,8,16", help="concurrent conversations to time")
+    parser.add_argument("--max-batch", type=int, default=None, help="the batching engine's rows per pass")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --model random:<shape>")
+    parser.add_argument("--name", default=NAME, help="results/<name>.json")
     args = parser.parse_args(argv)
-    path = RESULTS_DIR / f"{NAME}.json"
+    path = RESULTS_DIR / f"{args.name}.json"
     payload: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     payload.update({"benchmark": NAME, "model": args.model, "device": args.device, "dtype": args.dtype})
-    actor = LocalLM(args.model, device=args.device, dtype=args.dtype)
-    parts = {"generation": lambda: bench_generation(actor.policy, args.max_new_tokens),
+    model = resolve_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    actor = LocalLM(model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    conversations = tuple(int(n) for n in args.conversations.split(","))
+    parts = {"generation": lambda: bench_generation(actor.policy, args.max_new_tokens, conversations),
              "weights": lambda: bench_weights(actor.policy),
              "main": lambda: bench_main_job(args.config)}
     for part in args.parts.split(","):

@@ -24,6 +24,7 @@ import time
 import dspy
 import torch
 
+from programs.random_model import resolve_model
 from programs.reporting import write_results
 from rosa2_dspy.adapter import LenientChatAdapter
 from rosa2_dspy.policy import LoRAPolicy
@@ -94,9 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-norm", type=float, default=1.0)
     parser.add_argument("--ttt-lr", type=float, default=1e-4)
     parser.add_argument("--ttt-max-steps", type=int, default=30)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --model random:<shape>")
+    parser.add_argument("--name", default="bench_weights_step", help="results/<name>.json")
     args = parser.parse_args(argv)
 
-    policy = LoRAPolicy.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model = resolve_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    policy = LoRAPolicy.from_pretrained(model, device=args.device, dtype=args.dtype)
+    # Warm-up (untimed): a first generation and a first step pay one-off costs (CUDA kernels, allocator).
+    warm = scored_responses(policy, *PROBLEMS[0])
+    ROSAStep(beta=args.beta, max_norm=args.max_norm, measure_after=False).step(policy, warm, apply=False)
     start = time.perf_counter()
     _, _, n_out, _ = policy.generate([{"role": "user", "content": "Write a long story about a robot."}],
                                      max_new_tokens=128)
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     rows.append(summary)
     write_results(
-        "bench_weights_step", rows,
+        args.name, rows,
         extra={"model": args.model, "device": args.device, "dtype": args.dtype, "beta": args.beta,
                "max_norm": args.max_norm, "ttt_lr": args.ttt_lr, "ttt_max_steps": args.ttt_max_steps,
                "generation_turn_128_tokens_s": generation_seconds},

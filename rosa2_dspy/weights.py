@@ -348,7 +348,7 @@ class ROSAStep(WeightOptimizer):
     def solve(self, grads: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
         """``Gᵀ(GGᵀ + λI)⁻¹a`` in float64, with ``λ = ridge · mean‖g_i‖²``. Raises ``LinAlgError`` on a
         system singular to the gradients' (float32) precision."""
-        G = grads.to(torch.float64)
+        G = grads.to(device="cpu", dtype=torch.float64)  # per-sample gradients may come from any device
         K = G @ G.T
         lam = self.ridge * float(torch.diagonal(K).mean())
         system = K + lam * torch.eye(len(K), dtype=torch.float64)
