@@ -4,6 +4,10 @@ The tree follows the method:
 
 * ``local_lm``  - the local model: a transformers + PEFT LoRA model as a DSPy LM (``LocalLM``)
 * ``embedded``  - the embedded default model shipped in a PyPI package (SmolLM2-135M-Instruct)
+* ``policy``    - the model under LoRA (``LoRAPolicy``): the adapter as a vector, tokenisation; its
+  requests (``inference``: generation, log-probs, gradients) and adapter files (``adapter_files``)
+* ``engine``    - the batching engine: ``decoding`` (continuous batching, prefix cache), ``scoring``
+  (batched log-probs and per-sample gradients), ``multi_lora`` (a different adapter per row)
 * ``adapter``   - DSPy adapters for small local models: lenient markers, or plain chat turns
 * ``words``     - the words step: textual-gradient rewrite of instructions (``InstructionRefiner``)
 * ``weights``   - the weights step: ROSA's one-step LoRA update (+ iterative TTT and no-update baselines)

@@ -6,6 +6,10 @@
 parameters only, the divergence between two adapters' predictions, the adapter as one flat vector,
 and saving/loading the adapter the PEFT way (``save_pretrained``, safetensors only).
 
+The generation and scoring requests live in :mod:`rosa2_dspy.inference` and the adapter files in
+:mod:`rosa2_dspy.adapter_files` (mixins of :class:`LoRAPolicy`); this module holds the model, the adapter
+as a vector, tokenisation and the handle semantics.
+
 A policy is a *shared handle*: ``copy.deepcopy`` returns the same object, as DSPy does for local model
 handles, so deep-copying a program does not duplicate hundreds of MB of weights. Per-conversation
 state is an adapter *vector* (see :meth:`LoRAPolicy.adapter_vector`), which callers swap in and out.
@@ -15,22 +19,20 @@ The DSPy side, :class:`~rosa2_dspy.local_lm.LocalLM`, lives in :mod:`rosa2_dspy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import queue
 import threading
 import uuid
 import weakref
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from rosa2_dspy.adapter_files import AdapterFiles
 from rosa2_dspy.decoding import PrefixCache
-from rosa2_dspy.engine import Batcher, DivergenceRow, Generation, GenerationRow, LogProb, ScoreRow
-from rosa2_dspy.errors import AdapterLoadError
+from rosa2_dspy.engine import Batcher
+from rosa2_dspy.inference import Inference
 from rosa2_dspy.multi_lora import MultiLoRA
 
 logger = logging.getLogger(__name__)
@@ -38,30 +40,6 @@ logger = logging.getLogger(__name__)
 ChatMessages = Sequence[dict[str, str]]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _stop_index(text: str, stop: Sequence[str]) -> int | None:
-    """Where ``text`` ends at its first stop string, if it holds one."""
-    return min((text.index(s) for s in stop if s and s in text), default=None)
-
-
-class _Detokenizer:
-    """Token ids in, text out, a piece at a time: transformers' ``TextStreamer`` logic (never half a multi-byte
-    character or a word still being spelt), collected instead of printed."""
-
-    def __init__(self, tokenizer: Any, lock: threading.Lock) -> None:
-        from transformers import TextStreamer
-
-        self._lock, self._pieces = lock, []
-        self._streamer = TextStreamer(tokenizer, skip_special_tokens=True)
-        self._streamer.on_finalized_text = lambda text, stream_end=False: self._pieces.append(text)
-
-    def push(self, token: int | None) -> str:
-        """The text that ``token`` completes (``None``: the end, flush what is left)."""
-        with self._lock:  # the tokenizer is shared; see LoRAPolicy._text_ids
-            self._streamer.put(torch.tensor([token])) if token is not None else self._streamer.end()
-        text, self._pieces = "".join(self._pieces), []
-        return text
 
 
 @dataclass
@@ -96,7 +74,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-class LoRAPolicy:
+class LoRAPolicy(Inference, AdapterFiles):
     """A causal LM with a trainable LoRA adapter on frozen base weights.
 
     Args:
@@ -298,94 +276,6 @@ class LoRAPolicy:
         # The end-of-turn token belongs to the response: it is what makes the model stop.
         return self._text_ids(response) + [self.tokenizer.eos_token_id]
 
-    # ------------------------------------------------------------------ generation
-
-    def generate(
-        self,
-        messages: ChatMessages,
-        *,
-        max_new_tokens: int = 256,
-        temperature: float | None = 0.0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        adapter: torch.Tensor | None = None,
-    ) -> tuple[str, int, int, str]:
-        """Answer a chat. Returns ``(text, prompt_tokens, completion_tokens, finish_reason)``.
-
-        ``temperature`` 0/None is greedy decoding, which is deterministic. ``adapter`` (a flat vector)
-        answers under that adapter instead of the policy's own. Concurrent calls from other threads are
-        batched together by :attr:`batcher`, each row under its own adapter.
-        """
-        prompt, prefix = self._prompt(messages)
-        row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed,
-                            prefix=prefix)
-        out = self.batcher.generate([row])[0]
-        return self._result(out, stop, len(prompt))
-
-    def generate_stream(
-        self,
-        messages: ChatMessages,
-        *,
-        max_new_tokens: int = 256,
-        temperature: float | None = 0.0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        adapter: torch.Tensor | None = None,
-    ) -> Generator[str, None, tuple[str, int, int, str]]:
-        """:meth:`generate`, yielding the answer's text as the tokens are chosen; the generator's return value
-        is :meth:`generate`'s tuple, whose text is the yielded pieces joined.
-
-        The row is batched with whatever else is in flight, like any other; only it pays for streaming (a
-        queue put per token on the batcher's thread), and the stream ends when the row does, not when its
-        batch mates do. Decoding happens here, with transformers' ``TextStreamer``, so a piece never ends
-        inside a multi-byte character. Text that could be the start of a ``stop`` string is held back until
-        it is known not to be one.
-        """
-        prompt, prefix = self._prompt(messages)
-        tokens: queue.SimpleQueue = queue.SimpleQueue()
-        row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed,
-                            prefix=prefix, on_token=lambda index, token: tokens.put((index, token)))
-        (future,) = self.batcher.submit("generate", [row])
-        future.add_done_callback(lambda _: tokens.put(None))
-        decoder = _Detokenizer(self.tokenizer, self._tokenizer_lock)
-        holdback = max((len(s) - 1 for s in stop if s), default=0)
-        text, sent, ids, finished = "", 0, [], False
-        while not finished and (item := tokens.get()) is not None:
-            index, token = item
-            if index < len(ids):  # a failed batched pass is rerun alone: its tokens come again
-                continue
-            ids.append(token)
-            text += decoder.push(token)
-            cut = _stop_index(text, stop)
-            end = cut if cut is not None else len(text) - holdback
-            if end > sent:
-                yield text[sent:end]
-                sent = end
-            # The row is done (the engine's own rule); its batch mates may not be, and need not be waited for.
-            finished = token == self.tokenizer.eos_token_id or len(ids) >= max(max_new_tokens, 1)
-        # Without the row's last token, the pass ended early: the future holds its error.
-        out = Generation(ids, "stop" if ids[-1] == self.tokenizer.eos_token_id else "length") if finished \
-            else future.result()[0]
-        final, n_in, n_out, finish = self._result(out, stop, len(prompt))
-        if final.startswith(text[:sent]):
-            if len(final) > sent:
-                yield final[sent:]
-        else:  # not seen with byte-level tokenizers; the caller has the streamed text, keep it
-            logger.warning("Streamed text differs from the decoded answer; keeping the streamed text.")
-            final = text[:sent]
-        return final, n_in, n_out, finish
-
-    def _result(self, out: Any, stop: Sequence[str], n_prompt: int) -> tuple[str, int, int, str]:
-        with self._tokenizer_lock:
-            text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
-        finish = out.finish_reason
-        cut = _stop_index(text, stop)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        return text, n_prompt, len(out.tokens), finish
-
     def _adapter_or_own(self, adapter: torch.Tensor | None) -> torch.Tensor:
         if adapter is None:
             with self.lock:
@@ -398,141 +288,6 @@ class LoRAPolicy:
                 f"Adapter vector has shape {tuple(vector.shape)}, expected ({self.num_adapter_parameters},)."
             )
         return vector
-
-    # ------------------------------------------------------------------ log-probabilities
-
-    def logprobs(self, pairs: Sequence[tuple[ChatMessages, str]], *, with_grad: bool = False,
-                 adapter: torch.Tensor | None = None, keep_hidden: bool | Sequence[bool] = False,
-                 references: Sequence[torch.Tensor | None] | None = None) -> list[LogProb]:
-        """``log pi_theta(response | messages)`` of each ``(messages, response)`` pair, summed over the
-        response's tokens (end-of-turn included), all in one batched pass.
-
-        With ``with_grad=True`` each result carries ``grad``: the gradient of its own sum with respect to
-        the adapter parameters only (a per-sample gradient), a flat float32 CPU vector aligned with
-        :meth:`adapter_vector`. ``adapter`` scores under that vector instead of the policy's own.
-
-        ``keep_hidden`` (for all pairs, or one flag per pair) keeps each result's final hidden states
-        (``hidden``); ``references`` (one per pair, or None) gives such states of the same pair from an
-        earlier pass, and the result's ``kl`` is then :meth:`divergence` from that pass's adapter to this
-        one, computed in this same pass.
-        """
-        vector = self._adapter_or_own(adapter)
-        keep = [keep_hidden] * len(pairs) if isinstance(keep_hidden, bool) else list(keep_hidden)
-        references = list(references) if references is not None else [None] * len(pairs)
-        if len(keep) != len(pairs) or len(references) != len(pairs):
-            raise ValueError("keep_hidden and references need one entry per pair.")
-        rows = []
-        for (messages, response), hidden, reference in zip(pairs, keep, references):
-            if not isinstance(response, str):
-                raise TypeError(f"response must be a string, got {type(response).__name__}.")
-            rows.append(ScoreRow(self._prompt_ids(messages), self._response_ids(response), vector, with_grad,
-                                 hidden, reference))
-        return self.batcher.score(rows)
-
-    def logprob(self, messages: ChatMessages, response: str, *, with_grad: bool = False,
-                adapter: torch.Tensor | None = None) -> LogProb:
-        """One pair's :meth:`logprobs`."""
-        return self.logprobs([(messages, response)], with_grad=with_grad, adapter=adapter)[0]
-
-    def divergence(self, pairs: Sequence[tuple[ChatMessages, str]], adapter: torch.Tensor,
-                   other: torch.Tensor) -> list[float]:
-        """For each ``(messages, response)``: the mean per-token ``KL(pi_adapter || pi_other)`` of the
-        next-token distributions over the prompt and the response (one batched pass for all pairs)."""
-        a, b = self._checked_shape(torch.as_tensor(adapter, dtype=torch.float32)), \
-            self._checked_shape(torch.as_tensor(other, dtype=torch.float32))
-        rows = [DivergenceRow(self._prompt_ids(m), self._response_ids(r), a, b) for m, r in pairs]
-        return self.batcher.divergence(rows)
-
-    # ------------------------------------------------------------------ saving and loading
-
-    def save_adapter(self, directory: str | Path, vector: torch.Tensor | None = None) -> Path:
-        """Save the adapter (or ``vector``, if given) with PEFT's ``save_pretrained`` as safetensors."""
-        directory = Path(directory)
-        with self.lock:
-            current = self.adapter_vector()
-            try:
-                if vector is not None:
-                    self.set_adapter_vector(vector)
-                self.model.save_pretrained(directory, safe_serialization=True)
-            finally:
-                self.set_adapter_vector(current)
-        return directory
-
-    def read_adapter(self, directory: str | Path) -> torch.Tensor:
-        """Read a saved adapter as a flat vector, checking it fits this model; the model is untouched.
-
-        Raises :class:`AdapterLoadError` for a missing, corrupt, mismatched or non-finite adapter.
-        """
-        directory = Path(directory)
-        weights, config_path = directory / "adapter_model.safetensors", directory / "adapter_config.json"
-        if not weights.is_file() or not config_path.is_file():
-            raise AdapterLoadError(
-                f"{directory} is not a saved adapter: expected adapter_config.json and "
-                "adapter_model.safetensors (written by save_adapter / PEFT save_pretrained). "
-                "Pickled .bin adapters are not accepted."
-            )
-        try:
-            config, data = config_path.read_bytes(), weights.read_bytes()
-        except OSError as err:
-            raise AdapterLoadError(f"The adapter in {directory} is unreadable ({err}); save it again.") from err
-        return self.read_adapter_bytes(config, data, where=str(directory))
-
-    def adapter_files(self, vector: torch.Tensor | None = None) -> dict[str, bytes]:
-        """The files :meth:`save_adapter` writes (``adapter_config.json``, ``adapter_model.safetensors``), as bytes."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_adapter(tmp, vector=vector)
-            return {name: (Path(tmp) / name).read_bytes()
-                    for name in ("adapter_config.json", "adapter_model.safetensors")}
-
-    def read_adapter_bytes(self, config: bytes, weights: bytes, where: str = "the adapter") -> torch.Tensor:
-        """:meth:`read_adapter` on the two files' contents (e.g. carried inside a JSON state): same checks."""
-        from peft.utils import get_peft_model_state_dict
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_safetensors
-
-        try:
-            saved_config = json.loads(config)
-            state = load_safetensors(bytes(weights))
-            if not isinstance(saved_config, dict):
-                raise ValueError("adapter_config.json is not an object")
-        except (SafetensorError, json.JSONDecodeError, OSError, ValueError, TypeError) as err:
-            raise AdapterLoadError(f"The adapter in {where} is corrupt ({err}); save it again.") from err
-        if int(saved_config.get("r", -1)) != self.lora.rank:
-            raise AdapterLoadError(
-                f"The adapter in {where} has LoRA rank {saved_config.get('r')}, this model uses "
-                f"rank {self.lora.rank}; build the LocalLM with the adapter's LoRA settings."
-            )
-        if float(saved_config.get("lora_alpha", -1)) != float(self.lora.alpha):
-            raise AdapterLoadError(
-                f"The adapter in {where} has lora_alpha {saved_config.get('lora_alpha')}, this model uses "
-                f"{self.lora.alpha}; its scaling would differ. Build the LocalLM with the adapter's LoRA settings."
-            )
-        expected = get_peft_model_state_dict(self.model)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise AdapterLoadError(
-                f"The adapter in {where} does not match this model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}); it was saved for another model or LoRA target modules."
-            )
-        for key, tensor in expected.items():
-            if state[key].shape != tensor.shape:
-                raise AdapterLoadError(
-                    f"Adapter tensor {key} has shape {tuple(state[key].shape)}, the model expects "
-                    f"{tuple(tensor.shape)}; it was saved for another model."
-                )
-            if not torch.isfinite(state[key]).all():
-                raise AdapterLoadError(f"Adapter tensor {key} in {where} holds NaN/inf; refusing it.")
-        # Map PEFT's saved keys (no adapter name) back onto our parameter order.
-        names = [name.replace(".default", "") for name, _ in self._named_adapter_parameters()]
-        return torch.cat([state[name].reshape(-1).float() for name in names])
-
-    def load_adapter(self, directory: str | Path) -> None:
-        """Load a saved adapter into the model (validated first, so a bad file changes nothing)."""
-        self.set_adapter_vector(self.read_adapter(directory))
-
 
 _LIVE_POLICIES: "weakref.WeakValueDictionary[str, LoRAPolicy]" = weakref.WeakValueDictionary()
 

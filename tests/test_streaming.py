@@ -85,7 +85,7 @@ def test_tokens_reach_the_caller_while_the_answer_is_still_being_generated(monke
 
 
 def test_pieces_hold_whole_characters():
-    from rosa2_dspy.policy import _Detokenizer
+    from rosa2_dspy.inference import _Detokenizer
 
     tokenizer = build_tiny_tokenizer()
     ids = tokenizer("é ok", add_special_tokens=False)["input_ids"]
