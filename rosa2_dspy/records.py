@@ -91,7 +91,8 @@ def degenerate(text: str) -> str:
     return ""
 
 
-def _degenerate_answer(record: TurnRecord) -> bool:
+def degenerate_answer(record: TurnRecord) -> bool:
+    """Whether any output of ``record`` is :func:`degenerate` (babble, not a fluent wrong answer)."""
     return any(isinstance(v, str) and degenerate(v) for v in record.outputs.values())
 
 
@@ -194,7 +195,7 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
         "seconds_per_turn": {p: statistics.mean(r.times[p] for r in turns) if turns else 0.0 for p in PHASES},
         "parse_rate": parse_rate(trajectories),
         "words": words_summary(trajectories),
-        "degenerate_final": sum(1 for t in trajectories if t and _degenerate_answer(t[-1])) / n if n else 0.0,
+        "degenerate_final": sum(1 for t in trajectories if t and degenerate_answer(t[-1])) / n if n else 0.0,
         "tokens_per_task": statistics.mean(sum(r.tokens["prompt"] + r.tokens["completion"] for r in t)
                                            for t in trajectories) if n else 0.0,
     }
