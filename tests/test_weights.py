@@ -119,6 +119,13 @@ def test_no_reward_contrast_and_filters(policy):
     assert pushed.advantages == [-1.0, -1.0] and all(change < 0 for change in pushed.logprob_change)
     ROSAStep().rollback(policy)
     policy.set_adapter_vector(before)
+    # The gate (prior baseline 0): failures alone give no targets, so no step; a contrast still steps.
+    gated = ROSAStep(prior_baseline=0.0).step(policy, failures)
+    assert not gated.applied and "no reward contrast" in gated.reason
+    assert torch.equal(policy.adapter_vector(), before)
+    contrast = [ScoredResponse(PROMPT, "It is 4.", 0.0), ScoredResponse(PROMPT, "It is 5.", 0.5, "history")]
+    gated = ROSAStep(prior_baseline=0.0).step(policy, contrast, apply=False)
+    assert gated.advantages == [-0.5, 0.5]
     only_current = ROSAStep(include={"current"}).step(policy, responses())
     assert only_current.num_responses == 1 and only_current.advantages == [-1.0]  # prior baseline 0.5, beta 0.5
     assert only_current.applied and only_current.logprob_change[0] < 0
