@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from programs.reporting import format_table, write_results
-from rosa2_dspy.records import TurnRecord, degenerate_answer
-from rosa2_dspy.stats import bootstrap_ci, compare_modes, paired_difference_ci, with_ci
+from rosa2_dspy.records import TurnRecord, degenerate_answer, first_solved, reward_at
+from rosa2_dspy.stats import bootstrap_ci, compare_modes, paired_difference_ci, solved_by, with_ci
 
 TASK_KEYS = ("task", "split", "seed", "per_kind", "limit", "spread")
 
@@ -40,15 +40,6 @@ def load_arm(spec: str) -> dict[str, Any]:
             "max_turns": int(payload.get("config", {}).get("max_turns", max(map(len, trajectories))))}
 
 
-def reward_at(trajectory: list[TurnRecord], k: int) -> float:
-    """The reward at turn ``k`` (a conversation that ended earlier keeps its last reward)."""
-    return float(trajectory[min(k, len(trajectory)) - 1].reward or 0.0)
-
-
-def solved_at(trajectory: list[TurnRecord]) -> int | None:
-    return next((i + 1 for i, r in enumerate(trajectory) if r.solved), None)
-
-
 def compare(arms: list[dict[str, Any]], k: int | None = None) -> dict[str, Any]:
     first = arms[0]
     for arm in arms[1:]:
@@ -60,11 +51,11 @@ def compare(arms: list[dict[str, Any]], k: int | None = None) -> dict[str, Any]:
     rows, per_task = [], {}
     for arm in arms:
         t = arm["trajectories"]
-        rewards = [reward_at(x, k) for x in t]
+        rewards = [float(reward_at(x, k) or 0.0) for x in t]  # a turn without a reward scores 0
         ends = [int(bool(x) and degenerate_answer(x[-1])) for x in t]
         steps = [r.delta_norm for x in t for r in x if r.weights and r.weights.get("applied")]
-        per_task[arm["label"]] = {"solved_at": [solved_at(x) for x in t], "reward": rewards, "degenerate": ends}
-        solved = [int(s is not None and s <= k) for s in per_task[arm["label"]]["solved_at"]]
+        per_task[arm["label"]] = {"solved_at": [first_solved(x) for x in t], "reward": rewards, "degenerate": ends}
+        solved = solved_by(per_task[arm["label"]]["solved_at"], k)
         rows.append({
             "arm": arm["label"], "tasks": len(t),
             f"acc@{k}": with_ci(sum(solved) / len(t), bootstrap_ci(solved)),

@@ -96,8 +96,14 @@ def degenerate_answer(record: TurnRecord) -> bool:
     return any(isinstance(v, str) and degenerate(v) for v in record.outputs.values())
 
 
-def _first_solved(trajectory: Sequence[TurnRecord]) -> int | None:
+def first_solved(trajectory: Sequence[TurnRecord]) -> int | None:
+    """The turn at which ``trajectory`` was first solved (None: never)."""
     return next((r.turn for r in trajectory if r.solved), None)
+
+
+def reward_at(trajectory: Sequence[TurnRecord], k: int) -> float | None:
+    """The reward at turn ``k`` (1-based); a conversation that ended earlier keeps its last reward."""
+    return trajectory[min(k, len(trajectory)) - 1].reward
 
 
 def words_summary(trajectories: Sequence[Sequence[TurnRecord]]) -> dict[str, Any]:
@@ -163,7 +169,7 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
       where fewer than two tasks enter the statistic.
     """
     n = len(trajectories)
-    solved_at = [_first_solved(t) for t in trajectories]
+    solved_at = [first_solved(t) for t in trajectories]
     accuracy = [sum(1 for s in solved_at if s is not None and s <= k) / n for k in range(1, max_turns + 1)] if n else []
     first_failures = [s for s, t in zip(solved_at, trajectories) if t and not t[0].solved]
     turns = [r for t in trajectories for r in t]
@@ -174,7 +180,7 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
     corrected = [int(s is not None) for s in first_failures]
     # The reward at each turn (a finished conversation keeps its last one): partial credit where a task
     # gives it (e.g. generated intent tasks: format and value, half each), which acc@k cannot show.
-    rewards = [[float(r) for t in trajectories if t and (r := t[min(k, len(t)) - 1].reward) is not None]
+    rewards = [[float(r) for t in trajectories if t and (r := reward_at(t, k)) is not None]
                for k in range(1, max_turns + 1)]
     return {
         "tasks": n,
