@@ -16,33 +16,27 @@ Run: ``python -m programs.random_model qwen2.5-1.5b [--tokenizer DIR] [--device 
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from rosa2_dspy.embedded import cache_root
+from rosa2_dspy.embedded import cache_root, write_checkpoint
 
 PREFIX = "random:"
 
 # Qwen/Qwen2.5-1.5B's config.json (the architecture; the weights are random).
+QWEN25_15B = {
+    "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False,
+    "initializer_range": 0.02,
+}
 SHAPES = {
-    "qwen2.5-1.5b": {
-        "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-        "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
-        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False,
-        "initializer_range": 0.02,
-    },
+    "qwen2.5-1.5b": QWEN25_15B,
     # The same family at a size for tests and smoke runs of the benchmarks' device path.
-    "qwen2-tiny": {
-        "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 151936,
-        "max_position_embeddings": 4096, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False,
-        "initializer_range": 0.02,
-    },
+    "qwen2-tiny": {**QWEN25_15B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "max_position_embeddings": 4096},
 }
 
 
@@ -66,16 +60,7 @@ def random_checkpoint(shape: str, *, tokenizer: str | None = None, dtype: str = 
     source = AutoTokenizer.from_pretrained(tokenizer or embedded_checkpoint_dir())
     model.generation_config.eos_token_id = source.eos_token_id
     model.generation_config.pad_token_id = source.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        source.save_pretrained(staging)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return write_checkpoint(target, model, source)
 
 
 def resolve_model(name: str, *, tokenizer: str | None = None, dtype: str = "bfloat16", device: str = "cpu") -> str:

@@ -79,8 +79,14 @@ def embedded_checkpoint_dir(rebuild: bool = False) -> Path:
     model.config.quantization_config = None
     if hasattr(model.config, "_pre_quantization_dtype"):
         del model.config._pre_quantization_dtype
+    return write_checkpoint(target, model, tokenizer)
+
+
+def write_checkpoint(target: Path, model, tokenizer) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` as a checkpoint folder ``target``: written to a
+    temporary sibling and renamed into place, so an interrupted write never leaves half a folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=EMBEDDED_NAME + ".", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
