@@ -6,7 +6,9 @@ Every figure is a ratio measured in one run on one machine, with the embedded mo
   different, non-zero LoRA adapter, over one conversation alone; N = 1, 2, 4, 8, 16. Also the cost of
   LocalLM's path for a lone request against plain ``transformers`` ``generate`` (same adapter).
 * ``weights_step_speedup`` — one ROSA step over 4 responses: batched (one forward + one backward for
-  all per-response gradients) vs one pass per response through the same engine, and
+  all per-response gradients; the device's default of ``Batcher.share_prompts``: the prompt run once
+  on a CPU, all rows padded into one pass elsewhere; both are reported) vs one pass per response
+  through the same engine, and
   ``weights_step_speedup_vs_pre_issue`` vs the passes as they were before batching (one PEFT forward and
   backward per response, logits over every position); the largest relative difference of the Δθ.
 * ``main_job_speedup`` — the main job's config (``programs/configs/default.json``) run with
@@ -140,41 +142,51 @@ def pre_issue_logprobs(policy: LoRAPolicy, pairs, *, with_grad: bool = False, ad
 
 
 def bench_weights(policy: LoRAPolicy) -> dict[str, Any]:
+    """One ROSA step over 4 responses: batched (the prompt run once and shared, or all rows padded into
+    one pass) vs one pass per response vs the pre-batching passes. ``weights_step_speedup`` is the
+    device's default batching (``Batcher.share_prompts``: shared on a CPU, padded elsewhere)."""
     rows = []
     batched_logprobs = policy.logprobs
+    default_sharing = policy.batcher.share_prompts
 
     def one_pass_per_response(pairs, **kwargs):
         return [batched_logprobs([pair], **kwargs)[0] for pair in pairs]
 
-    paths = {"batched": batched_logprobs, "sequential": one_pass_per_response,
-             "pre-issue": lambda pairs, **kwargs: pre_issue_logprobs(policy, pairs, **kwargs)}
+    paths = {"shared prompt": (batched_logprobs, True), "padded": (batched_logprobs, False),
+             "sequential": (one_pass_per_response, default_sharing),
+             "pre-issue": (lambda pairs, **kwargs: pre_issue_logprobs(policy, pairs, **kwargs), default_sharing)}
+    default = "shared prompt" if default_sharing else "padded"
 
     for example in load_task("intent", limit=3, spread=True):
         responses = step_responses(policy, example.question, example.answer)
         adapter = policy.initial_adapter_vector
-        ROSAStep(measure_after=False).step(policy, responses, apply=False, adapter=adapter)  # warm-up
         timings = {}
-        for label, path in paths.items():
-            policy.logprobs = path
+        for label, (path, sharing) in paths.items():
+            policy.logprobs, policy.batcher.share_prompts = path, sharing
+            ROSAStep(measure_after=False).step(policy, responses, apply=False, adapter=adapter)  # warm-up
             best = None
             for _ in range(2):
                 step = ROSAStep(measure_after=False).step(policy, responses, apply=False, adapter=adapter)
                 best = step if best is None or step.seconds < best.seconds else best
             timings[label] = best
-        policy.logprobs = batched_logprobs
-        a, b, c = timings["batched"].delta, timings["sequential"].delta, timings["pre-issue"].delta
+        policy.logprobs, policy.batcher.share_prompts = batched_logprobs, default_sharing
+        reference = timings["sequential"].delta
         rows.append({
             "question": example.question[:40],
             "tokens": sum(len(policy._prompt_ids(r.messages)) + len(policy._response_ids(r.completion))
                           for r in responses),
-            "batched s": timings["batched"].seconds,
-            "sequential s": timings["sequential"].seconds,
-            "pre-issue s": timings["pre-issue"].seconds,
-            "speedup": timings["sequential"].seconds / timings["batched"].seconds,
-            "speedup vs pre-issue": timings["pre-issue"].seconds / timings["batched"].seconds,
-            "max relative Δθ difference": float(max((a - b).abs().max(), (a - c).abs().max()) / b.abs().max()),
+            **{f"{label} s": timings[label].seconds for label in paths},
+            "speedup": timings["sequential"].seconds / timings[default].seconds,
+            "speedup shared prompt": timings["sequential"].seconds / timings["shared prompt"].seconds,
+            "speedup padded": timings["sequential"].seconds / timings["padded"].seconds,
+            "speedup vs pre-issue": timings["pre-issue"].seconds / timings[default].seconds,
+            "max relative Δθ difference": float(max((timings[label].delta - reference).abs().max()
+                                                    for label in paths) / reference.abs().max()),
         })
     return {"rows": rows, "weights_step_speedup": statistics.median(r["speedup"] for r in rows),
+            "weights_step_default_batching": default,
+            "weights_step_speedup_shared_prompt": statistics.median(r["speedup shared prompt"] for r in rows),
+            "weights_step_speedup_padded": statistics.median(r["speedup padded"] for r in rows),
             "weights_step_speedup_vs_pre_issue": statistics.median(r["speedup vs pre-issue"] for r in rows),
             "max_relative_delta_difference": max(r["max relative Δθ difference"] for r in rows),
             "responses_per_step": 4}

@@ -76,16 +76,22 @@ class Batcher:
             at most this.
         max_score_tokens: most tokens (rows × padded length) in one scoring pass; bounds the memory a
             backward pass needs. A single longer row still runs, alone.
+        share_prompts: whether responses to one prompt under one adapter (a ROSA step's) run the prompt
+            once (:func:`~rosa2_dspy.scoring.score_rows`). It saves compute, and costs extra small passes
+            to pull each response's gradient back through the prompt: a gain where compute is the
+            bottleneck (a CPU), a loss where a pass is bound by kernel launches (a GPU with a small
+            batch). None (default): on for a CPU model, off otherwise. Results agree up to float rounding.
     """
 
     def __init__(self, policy: "LoRAPolicy", max_batch: int = 16, wait_ms: float = 5.0,
-                 max_score_tokens: int = 8192) -> None:
+                 max_score_tokens: int = 8192, share_prompts: bool | None = None) -> None:
         if max_batch < 1 or wait_ms < 0 or max_score_tokens < 1:
             raise ValueError("max_batch and max_score_tokens must be >= 1 and wait_ms >= 0.")
         self.policy = policy
         self.max_batch = max_batch
         self.wait_ms = wait_ms
         self.max_score_tokens = max_score_tokens
+        self.share_prompts = policy.device.type == "cpu" if share_prompts is None else share_prompts
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -238,7 +244,8 @@ class Batcher:
     def _run(self, kind: str, rows: list) -> list:
         run: Callable = _PASSES[kind]
         with self._compute_lock:  # MultiLoRA's per-row state belongs to one pass at a time
-            results = run(self.policy, rows)
+            results = run(self.policy, rows, share_prompts=self.share_prompts) if kind == "score" \
+                else run(self.policy, rows)
         self.passes[kind] += 1
         return results
 

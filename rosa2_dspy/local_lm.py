@@ -226,7 +226,8 @@ class LocalLM(dspy.LM):
             batcher = policy.batcher
             policy.batcher = Batcher(policy, max_batch=batcher.max_batch if max_batch is None else max_batch,
                                      wait_ms=batcher.wait_ms if batch_wait_ms is None else batch_wait_ms,
-                                     max_score_tokens=batcher.max_score_tokens)
+                                     max_score_tokens=batcher.max_score_tokens,
+                                     share_prompts=batcher.share_prompts)
         model_name = "local/" + Path(str(name)).name
         engine = LocalEngine(policy, model_name, seed=seed)
         super().__init__(

@@ -90,12 +90,12 @@ class LogProb:
         return self.total / max(self.num_tokens, 1)
 
 
-def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[LogProb]:
+def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow], share_prompts: bool = True) -> list[LogProb]:
     """``log pi(y | x)`` of every row (and per-row gradients on request), in one pass per shared prompt.
 
-    Rows of one request that share a prompt (the same token ids and the same adapter tensor, as the
-    responses of one ROSA step do) run the prompt once (:func:`_score_shared`); the other rows run in
-    one right-padded pass (:func:`_score_padded`). Grouping looks at one request's rows only (the adapter
+    With ``share_prompts``, rows of one request that share a prompt (the same token ids and the same
+    adapter tensor, as the responses of one ROSA step do) run the prompt once (:func:`_score_shared`);
+    the other rows (all rows, without it) run in one right-padded pass (:func:`_score_padded`). Grouping looks at one request's rows only (the adapter
     *object*), so a conversation's rows are computed the same way alone or beside other conversations.
     """
     for row in rows:
@@ -103,7 +103,7 @@ def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow]) -> list[LogProb]:
             raise ValueError(f"A reference holds the hidden states of {row.reference.shape[0]} positions; this row "
                              f"has {row.length - 1}. Pass the states kept (keep_hidden) from a pass over the same text.")
     groups: dict[tuple, list[int]] = {}
-    sharing = supports_row_caches(policy.causal_lm)
+    sharing = share_prompts and supports_row_caches(policy.causal_lm)
     for i, row in enumerate(rows):
         key = (tuple(row.prompt), id(row.adapter), row.with_grad) if sharing and len(row.prompt) > 1 else (i,)
         groups.setdefault(key, []).append(i)

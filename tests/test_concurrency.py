@@ -250,6 +250,25 @@ def test_responses_sharing_a_prompt_share_its_pass_and_get_the_per_row_results(t
     assert shared_passes == [4]  # one row alone runs the ordinary pass
 
 
+def test_without_prompt_sharing_a_steps_rows_run_one_padded_pass_with_the_same_results(tiny_policy, monkeypatch):
+    from rosa2_dspy import scoring
+
+    assert tiny_policy.batcher.share_prompts  # the default on a CPU model
+    vector = adapters(tiny_policy, 1)[0]
+    pairs = [(chat(QUESTIONS[0]), r) for r in ["It is 5.", "five", "The answer is 5, since 2 + 3 = 5."]]
+    shared = tiny_policy.logprobs(pairs, with_grad=True, adapter=vector)
+    passes = []
+    for name in ("_score_shared", "_score_padded"):
+        monkeypatch.setattr(scoring, name, lambda policy, rows, run=getattr(scoring, name), name=name:
+                            passes.append((name, len(rows))) or run(policy, rows))
+    tiny_policy.batcher = Batcher(tiny_policy, share_prompts=False)
+    padded = tiny_policy.logprobs(pairs, with_grad=True, adapter=vector)
+    assert passes == [("_score_padded", 3)]
+    for a, b in zip(shared, padded):
+        assert a.num_tokens == b.num_tokens and a.total == pytest.approx(b.total, rel=1e-5)
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5 * float(b.grad.abs().max()))
+
+
 def test_batched_rosa_step_equals_the_sequential_step(tiny_policy, monkeypatch):
     vector = adapters(tiny_policy, 1)[0]
     responses = [ScoredResponse(chat(q), f"reply {i}", float(i % 2), "current") for i, q in enumerate(QUESTIONS)]
