@@ -192,8 +192,13 @@ def bench_weights(policy: LoRAPolicy) -> dict[str, Any]:
             "responses_per_step": 4}
 
 
-def bench_main_job(config_name: str) -> dict[str, Any]:
+def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:
+    """The main job's config run with ``concurrency`` 1 and 8. ``actor`` replaces some of the config's
+    actor settings (another model or device) and ``limit`` its number of tasks; such a run is not the
+    main job, so its results are not written as the main job's."""
     config = experiment.load_config(config_name)
+    as_configured = actor is None and limit is None
+    config = {**config, "actor": {**config["actor"], **(actor or {})}, "limit": limit or config.get("limit")}
     runs = {}
     for concurrency in (1, 8):
         print(f"main job ({config_name}) with concurrency {concurrency} ...", flush=True)
@@ -208,9 +213,10 @@ def bench_main_job(config_name: str) -> dict[str, Any]:
             total += abs(len(seq_task) - len(con_task))
     phases = {k: v["seconds_per_turn"] for k, v in sequential["summaries"].items()}
     joint = phases.get("joint", {})
-    experiment.report(concurrent, config.get("name", "experiment"))  # the same run is the main job's result
+    if as_configured:
+        experiment.report(concurrent, config.get("name", "experiment"))  # the same run is the main job's result
     return {
-        "config": config_name,
+        "config": config_name, "actor": config["actor"], "tasks": config.get("limit"),
         "sequential_wall_s": sequential["wall_seconds"],
         "concurrent_wall_s": concurrent["wall_seconds"],
         "main_job_speedup": sequential["wall_seconds"] / concurrent["wall_seconds"],
@@ -235,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conversations", default="1,2,4,8,16", help="concurrent conversations to time")
     parser.add_argument("--max-batch", type=int, default=None, help="the batching engine's rows per pass")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --model random:<shape>")
+    parser.add_argument("--main-tasks", type=int, default=None,
+                        help="the 'main' part's number of tasks (default: the config's)")
     parser.add_argument("--name", default=NAME, help="results/<name>.json")
     args = parser.parse_args(argv)
     path = RESULTS_DIR / f"{args.name}.json"
@@ -245,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     conversations = tuple(int(n) for n in args.conversations.split(","))
     parts = {"generation": lambda: bench_generation(actor.policy, args.max_new_tokens, conversations),
              "weights": lambda: bench_weights(actor.policy),
-             "main": lambda: bench_main_job(args.config)}
+             # Another model than the embedded one: the main job's conversations run on it too.
+             "main": lambda: bench_main_job(args.config, limit=args.main_tasks, actor=None if args.model == "embedded"
+                                            else {"model": str(model), "device": args.device, "dtype": args.dtype})}
     for part in args.parts.split(","):
         result = parts[part]()
         payload[part] = {**result, "machine": machine_facts()}
