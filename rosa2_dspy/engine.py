@@ -14,8 +14,9 @@ passes: one worker thread takes the first request, waits up to ``wait_ms`` for m
 (up to ``max_batch`` rows, ``max_score_tokens`` tokens for scoring), runs one pass and hands each caller
 its rows. Generation is continuous: while a decode runs, generation requests that arrive join it
 between token steps (up to ``max_batch`` rows), and each caller gets its answer when its own rows end;
-a waiting scoring request stops new rows from joining, so it runs as soon as the decode drains.
-Scoring requests that arrive while a pass runs join the next one. If a batched pass fails, each
+scoring requests that arrive while a decode runs are run between two of its token steps (the decode's
+rows set aside meanwhile), so a weights step never waits for other conversations' answers to end.
+Scoring requests that arrive while a scoring pass runs join the next one. If a batched pass fails, each
 request is rerun alone, so one bad request fails only its own caller.
 """
 
@@ -95,7 +96,7 @@ class Batcher:
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._compute_lock = threading.Lock()
+        self._compute_lock = threading.RLock()  # re-entered by a scoring pass run between token steps
         self._held: list[_Job] = []  # taken from the queue but not fitting the pass that was running
         self.passes: dict[str, int] = {kind: 0 for kind in _PASSES}  # how many batched passes ran (for benchmarks)
 
@@ -188,21 +189,36 @@ class Batcher:
                         if all(decode.results[h] is not None for h in own):
                             job.future.set_result([decode.results[h] for h in own])
                             del handles[first]
-                    while decode.mergeable and not self._held and decode.size < self.max_batch:
-                        try:
-                            job = self._queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        if job.kind == "generate" and decode.size + len(job.rows) <= self.max_batch:
-                            self._admit(decode, [job], handles)
-                        else:
-                            self._held.append(job)
+                    self._between_steps(decode, handles)
         except Exception as err:  # a failed decode step: rerun each unfinished request alone
             unfinished = [job for job, _ in handles.values()]
             logger.warning("A batched generate pass failed (%s); rerunning its %d requests one by one.",
                            err, len(unfinished))
             for job in unfinished:
                 self._run_jobs([job])
+
+    def _between_steps(self, decode: DecodeBatch, handles: dict) -> None:
+        """Between two token steps of a running decode: scoring requests that wait run now, in passes of
+        their own (the decode's rows set aside), rather than after the decode ends: a conversation's
+        weights step does not wait for other conversations' answers. Then generation requests join the
+        decode, in order, while there is room."""
+        while True:
+            try:
+                self._held.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        others = [job for job in self._held if job.kind != "generate"]
+        if others:
+            self._held = [job for job in self._held if job.kind == "generate"]
+            with self.policy.multi_lora.paused():
+                while others:
+                    batch, rest = [others[0]], []
+                    for job in others[1:]:
+                        (batch if self._fits(batch, job) else rest).append(job)
+                    self._run_jobs(batch)
+                    others = rest
+        while decode.mergeable and self._held and decode.size + len(self._held[0].rows) <= self.max_batch:
+            self._admit(decode, [self._held.pop(0)], handles)
 
     def _admit(self, decode: DecodeBatch, jobs: list[_Job], handles: dict) -> None:
         """Prefill ``jobs``' rows into ``decode`` (one call, grouped by length inside). If that fails, each

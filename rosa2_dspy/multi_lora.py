@@ -63,6 +63,7 @@ class MultiLoRA:
         self.peft_model = peft_model
         self.sites: list[_Site] = []
         self._rows: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._peft_off = False  # PEFT's own adapter layers are switched off (an active() pass is running)
         for module in peft_model.modules():
             if not isinstance(module, LoraLayer) or "default" not in getattr(module, "lora_A", {}):
                 continue
@@ -106,10 +107,30 @@ class MultiLoRA:
             raise RuntimeError("MultiLoRA.active is not re-entrant; the compute lock should prevent this.")
         self._rows = self._split(vectors)
         try:
-            with self.peft_model.disable_adapter():
+            if self._peft_off:  # inside a paused pass, which already switched PEFT's own adapter off
                 yield
+            else:
+                self._peft_off = True
+                try:
+                    with self.peft_model.disable_adapter():
+                        yield
+                finally:
+                    self._peft_off = False
         finally:
             self._rows = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside :meth:`active`: set the running pass's rows aside so that another pass (its own
+        :meth:`active`) can run, e.g. a scoring request between two token steps of a decode; they are
+        restored after."""
+        if self._rows is None:
+            raise RuntimeError("paused() is only meaningful inside active().")
+        rows, self._rows = self._rows, None
+        try:
+            yield
+        finally:
+            self._rows = rows
 
     def replace(self, vectors: torch.Tensor) -> None:
         """Inside :meth:`active`, run the next passes with these rows instead (rows joining or leaving a

@@ -15,6 +15,7 @@ import torch
 
 from rosa2_dspy.decoding import DecodeBatch, PrefixCache, prefill_groups
 from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
+from rosa2_dspy.scoring import ScoreRow
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
 from conftest import requirement_refiner, requirements_of
@@ -175,6 +176,27 @@ def test_concurrent_threads_are_coalesced_into_one_pass(tiny_policy):
         together = list(pool.map(ask, range(6)))
     assert together == alone
     assert tiny_policy.batcher.passes["generate"] < 6  # fewer passes than requests: they were batched
+
+
+def test_a_scoring_request_runs_between_the_token_steps_of_a_running_decode(tiny_policy):
+    vector, other = adapters(tiny_policy, 2)
+    row = GenerationRow(tiny_policy._prompt_ids(chat(QUESTIONS[0])), vector, max_new_tokens=400)
+    expected = generate_rows(tiny_policy, [row])[0]
+    assert len(expected.tokens) == 400  # the decode runs its whole budget: long enough to be overtaken
+    pairs = [(chat(q), f"answer number {i}") for i, q in enumerate(QUESTIONS)]
+    scores_alone = tiny_policy.logprobs(pairs, with_grad=True, adapter=other)
+    batcher = Batcher(tiny_policy, wait_ms=0)
+    tokens, started = [], threading.Event()
+    decoding = batcher.submit("generate", [GenerationRow(row.prompt, vector, max_new_tokens=400,
+                                                         on_token=lambda i, t: tokens.append(t) or started.set())])
+    started.wait()
+    scores = batcher.score([ScoreRow(tiny_policy._prompt_ids(m), tiny_policy._response_ids(r), other, True)
+                            for m, r in pairs])
+    tokens_when_scored = len(tokens)
+    assert tokens_when_scored < 400  # it did not wait for the decode to end
+    assert decoding[0].result()[0].tokens == expected.tokens  # and the decode was not disturbed
+    for lp, alone in zip(scores, scores_alone):
+        assert lp.total == alone.total and torch.equal(lp.grad, alone.grad)
 
 
 def test_a_failing_request_fails_alone_and_its_batch_mates_still_answer(tiny_policy):
