@@ -179,7 +179,8 @@ def test_concurrent_threads_are_coalesced_into_one_pass(tiny_policy):
 
 
 def test_a_scoring_request_runs_between_the_token_steps_of_a_running_decode(tiny_policy):
-    vector, other = adapters(tiny_policy, 2)
+    vector, other, own = adapters(tiny_policy, 3)
+    tiny_policy.set_adapter_vector(own)  # PEFT's own adapter, which every pass must keep switched off
     row = GenerationRow(tiny_policy._prompt_ids(chat(QUESTIONS[0])), vector, max_new_tokens=400)
     expected = generate_rows(tiny_policy, [row])[0]
     assert len(expected.tokens) == 400  # the decode runs its whole budget: long enough to be overtaken
