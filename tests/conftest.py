@@ -206,7 +206,7 @@ def tiny_experiment_config(model_dir, **overrides):
         "modes": ["prompt-only", "joint"], "concurrency": 1, "protocol": "answer", "feedback": {"reveal_after": 1},
         "actor": {"model": str(model_dir), "max_tokens": 8, "lora": {"rank": 4, "alpha": 8}},
         "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 8},
-        "weights": {"beta": 0.05, "max_norm": 2.0},
+        "weights": {"beta": 0.05, "max_norm": 2.0, "prior_baseline": 0.5},  # failures alone step: the weights path runs on a model that never succeeds
     }
     config.update(overrides)
     return config

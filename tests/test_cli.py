@@ -30,7 +30,7 @@ def test_chat_shows_words_and_weights_changing_turn_by_turn(tiny_lm, tmp_path):
 
 
 def test_rosa2_chat_command_loads_a_model_by_path_and_appends_feedback_when_the_local_refiner_fails(tiny_model_dir):
-    lines = iter(["What is 2+3?", "no, just the number", "/quit"])
+    lines = iter(["What is 2+3?", "no, just the number", "/answer 5", "no, it is 5", "/quit"])
     shown: list[str] = []
     main(["--model", str(tiny_model_dir), "--program", "predict", "--max-tokens", "8"],
          read=lambda prompt: next(lines), write=shown.append)
@@ -39,7 +39,9 @@ def test_rosa2_chat_command_loads_a_model_by_path_and_appends_feedback_when_the_
     # The tiny local refiner writes junk; the default fallback for a local refiner turns the feedback into a requirement.
     assert "[words] self: refined: Given the fields `question`, produce the fields `answer`." in text
     assert "- The user said: no, just the number" in text
-    assert "[weights] applied: |Δθ| =" in text
+    # A plain "no" gives the weights step nothing to contrast (the default prior baseline 0): no step.
+    assert "[weights] skipped (no reward contrast: every target is 0): |Δθ| = 0" in text
+    assert "[weights] applied: |Δθ| =" in text  # the revealed answer gives it a reference to move toward
 
 
 def _chat(rosa2, lines, **kwargs):

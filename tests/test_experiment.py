@@ -20,7 +20,7 @@ def test_every_mode_runs_on_the_same_tasks_and_reports_table_json_and_plot(tiny_
         "name": "tiny", "task": "intent", "limit": 2, "spread": True, "max_turns": 2,
         "actor": {"model": str(tiny_model_dir), "max_tokens": 8, "lora": {"rank": 4, "alpha": 8}},
         "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 8},
-        "weights": {"beta": 0.05, "max_norm": 2.0},
+        "weights": {"beta": 0.05, "max_norm": 2.0, "prior_baseline": 0.5},  # failures alone step: the weights path runs on a model that never succeeds
         "feedback": {"reveal": "hint", "reveal_after": 1},
     }
     results = experiment.run_experiment(config, progress=False)
@@ -75,7 +75,7 @@ def test_concurrent_run_gives_the_sequential_run_records(tiny_model_dir):
         "task": "intent", "limit": 3, "spread": True, "max_turns": 2, "modes": ["prompt-only", "joint"],
         "actor": {"model": str(tiny_model_dir), "max_tokens": 8, "lora": {"rank": 4, "alpha": 8}},
         "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 8},
-        "weights": {"beta": 0.05, "max_norm": 2.0},
+        "weights": {"beta": 0.05, "max_norm": 2.0, "prior_baseline": 0.5},  # failures alone step: the weights path runs on a model that never succeeds
     }
     sequential = experiment.run_experiment({**config, "concurrency": 1}, progress=False)
     concurrent = experiment.run_experiment({**config, "concurrency": 6}, progress=False)

@@ -105,7 +105,7 @@ def tiny_config(model_dir, **overrides):
         "max_turns": 2, "modes": ["static"], "oracle": True, "concurrency": 1, "protocol": "hint",
         "actor": {"model": str(model_dir), "max_tokens": 8, "lora": {"rank": 4, "alpha": 8}},
         "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 8},
-        "weights": {"beta": 0.05, "max_norm": 2.0},
+        "weights": {"beta": 0.05, "max_norm": 2.0, "prior_baseline": 0.5},  # failures alone step: the weights path runs on a model that never succeeds
     }
     config.update(overrides)
     return config

@@ -109,24 +109,25 @@ def test_singular_system_gives_no_update(policy):
 
 def test_no_reward_contrast_and_filters(policy):
     before = policy.adapter_vector()
-    neutral = [ScoredResponse(PROMPT, "It is 4.", 0.5), ScoredResponse(PROMPT, "It is 6.", 0.5, "history")]
-    step = ROSAStep().step(policy, neutral)
-    assert not step.applied and "no reward contrast" in step.reason
-    assert torch.equal(policy.adapter_vector(), before)
-    # Two failures and no success: no contrast, so the prior baseline 0.5 pushes both down.
+    # The default (prior baseline 0): failures alone give no targets, so no step; a contrast steps.
     failures = [ScoredResponse(PROMPT, "It is 4.", 0.0), ScoredResponse(PROMPT, "It is 6.", 0.0, "history")]
-    pushed = ROSAStep().step(policy, failures)
-    assert pushed.advantages == [-1.0, -1.0] and all(change < 0 for change in pushed.logprob_change)
-    ROSAStep().rollback(policy)
-    policy.set_adapter_vector(before)
-    # The gate (prior baseline 0): failures alone give no targets, so no step; a contrast still steps.
-    gated = ROSAStep(prior_baseline=0.0).step(policy, failures)
+    gated = ROSAStep().step(policy, failures)
     assert not gated.applied and "no reward contrast" in gated.reason
     assert torch.equal(policy.adapter_vector(), before)
     contrast = [ScoredResponse(PROMPT, "It is 4.", 0.0), ScoredResponse(PROMPT, "It is 5.", 0.5, "history")]
-    gated = ROSAStep(prior_baseline=0.0).step(policy, contrast, apply=False)
-    assert gated.advantages == [-0.5, 0.5]
-    only_current = ROSAStep(include={"current"}).step(policy, responses())
+    assert ROSAStep().step(policy, contrast, apply=False).advantages == [-0.5, 0.5]
+    # Equal partial credit and no contrast: measured from 0, both are pulled up.
+    neutral = [ScoredResponse(PROMPT, "It is 4.", 0.5), ScoredResponse(PROMPT, "It is 6.", 0.5, "history")]
+    assert ROSAStep().step(policy, neutral, apply=False).advantages == [1.0, 1.0]
+    # Prior baseline 0.5 (the default before 2026-11-27): equal credit 0.5 gives no step, and two failures
+    # are both pushed down.
+    step = ROSAStep(prior_baseline=0.5).step(policy, neutral)
+    assert not step.applied and "no reward contrast" in step.reason
+    assert torch.equal(policy.adapter_vector(), before)
+    pushed = ROSAStep(prior_baseline=0.5).step(policy, failures)
+    assert pushed.advantages == [-1.0, -1.0] and all(change < 0 for change in pushed.logprob_change)
+    policy.set_adapter_vector(before)
+    only_current = ROSAStep(include={"current"}, prior_baseline=0.5).step(policy, responses())
     assert only_current.num_responses == 1 and only_current.advantages == [-1.0]  # prior baseline 0.5, beta 0.5
     assert only_current.applied and only_current.logprob_change[0] < 0
     assert not torch.equal(policy.adapter_vector(), before)
