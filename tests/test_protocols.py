@@ -69,7 +69,8 @@ def test_experiment_configs_name_their_protocol():
     assert experiment.resolve_protocol({})[0] == "answer"  # feedback_for's defaults: hint, answer from turn 2
     with pytest.raises(ValueError, match="amount to 'answer'"):
         experiment.resolve_protocol({"protocol": "hint", "feedback": {"reveal": "hint", "reveal_after": 1}})
-    for name in ("default", "math", "math_smoke", "code"):
+    for name in ("default", "math", "math_smoke"):
         assert experiment.resolve_protocol(experiment.load_config(name))[0] == "answer"
+    assert experiment.resolve_protocol(experiment.load_config("code"))[0] == "none"  # HumanEval's headline run
     title = experiment.title_for({"config": {"task": "code", "protocol": "answer"}, "protocol": "answer"})
     assert title == "code · embedded · protocol answer (learning a revealed answer)"
