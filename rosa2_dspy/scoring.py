@@ -95,8 +95,9 @@ def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow], share_prompts: bo
 
     With ``share_prompts``, rows of one request that share a prompt (the same token ids and the same
     adapter tensor, as the responses of one ROSA step do) run the prompt once (:func:`_score_shared`);
-    the other rows (all rows, without it) run in one right-padded pass (:func:`_score_padded`). Grouping looks at one request's rows only (the adapter
-    *object*), so a conversation's rows are computed the same way alone or beside other conversations.
+    the other rows (all rows, without it) run in one right-padded pass (:func:`_score_padded`).
+    Grouping looks at one request's rows only (the adapter *object*), so a conversation's rows are
+    computed the same way alone or beside other conversations.
     """
     for row in rows:
         if row.reference is not None and row.reference.shape[0] != row.length - 1:
