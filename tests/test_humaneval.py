@@ -69,6 +69,20 @@ def test_a_body_only_completion_and_a_whole_function_both_work(tasks) -> None:
     assert not judge(example, "def add(x, y):\n    return x - y").solved
 
 
+def test_a_function_written_again_until_the_token_limit_is_judged_by_its_whole_copy(tasks) -> None:
+    """What the embedded model does on most HumanEval prompts: the function, then the start of it again,
+    cut inside the docstring. The answer is judged by the whole copy and the feedback says where it broke."""
+    example = tasks["HumanEval/53"]
+    whole = 'def add(x: int, y: int):\n    """Add two numbers x and y"""\n    return x + y\n'
+    verdict = judge(example, f"```python\n{whole}\n{whole}\n{whole[:40]}")
+    assert verdict.solved and "breaks off at line 9" in verdict.feedback
+    wrong = judge(example, f"{whole.replace('x + y', 'x - y')}\ndef add(x: int, y: int):\n    '''Add")
+    assert not wrong.solved and "breaks off at line 5" in wrong.feedback and "tests passed" in wrong.feedback
+    # a syntax error inside the function itself is reported as one: nothing before it defines `add`
+    broken = judge(example, "import math\n\ndef add(x, y):\n    return (x + y\n")
+    assert not broken.solved and "SyntaxError" in broken.feedback and "breaks off" not in broken.feedback
+
+
 @pytest.mark.parametrize("protocol", ["none", "hint"])
 def test_a_failure_names_the_failing_assert_and_never_the_solution(tasks, protocol) -> None:
     user = feedback_for("humaneval", protocol=protocol)

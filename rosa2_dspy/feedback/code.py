@@ -456,6 +456,37 @@ def defines(code: str, name: str) -> bool:
     return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name for node in tree.body)
 
 
+def drop_broken_tail(code: str, entry_point: str) -> tuple[str, int] | None:
+    r"""The longest run of whole top-level statements at the start of ``code`` that parses and defines
+    ``entry_point``, and the line where the rest begins; None when ``code`` parses or no such run exists.
+
+    A small model often writes its function, starts writing it again and runs out of tokens inside the
+    docstring: its answer is the first copy, not the syntax error at the cut (evalplus' ``sanitize`` reads
+    answers the same way). A syntax error inside the function itself stays one: nothing before it
+    defines the function.
+
+    >>> drop_broken_tail("def f():\n    return 1\n\ndef f():\n    '''unfinis", "f")
+    ('def f():\n    return 1', 4)
+    """
+    try:
+        _parse(code)
+        return None
+    except SyntaxError:
+        pass
+    lines = code.splitlines()
+    starts = [i for i, line in enumerate(lines) if i and line[:1] not in ("", " ", "\t", "#", ")", "]", "}")]
+    for cut in reversed(starts):
+        head = "\n".join(lines[:cut]).rstrip()
+        try:
+            tree = _parse(head)
+        except SyntaxError:
+            continue
+        if any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
+               for node in tree.body):
+            return head, cut + 1
+    return None
+
+
 def complete_code(prompt: str, code: str, entry_point: str) -> str:
     r"""The program a candidate completing a HumanEval-style ``prompt`` (imports, helpers, a stub) stands for.
 
@@ -539,22 +570,28 @@ class CodeVerifier:
             return verdict(score=0.0, solved=False,
                            feedback="I could not find any code; reply with the Python function definition.")
         entry_point = field_text(example, self.entry_point_field)
+        kept = drop_broken_tail(code, entry_point) if entry_point else None
+        note = ""
+        if kept is not None:
+            code, line = kept
+            note = (f"Your code breaks off at line {line} (from there on it does not parse: writing the function "
+                    f"again until the length limit does that), so I ran the lines before it. ")
         prompt = field_text(example, self.prompt_field) if self.prompt_field else None
         if prompt is not None and entry_point is not None:
             code = complete_code(prompt, code, entry_point)
         outcome = self.run(code, statements, entry_point)
         if "error" in outcome:
-            return verdict(score=0.0, solved=False, feedback=outcome["error"])
+            return verdict(score=0.0, solved=False, feedback=note + outcome["error"])
         results = [r for r, scored in zip(outcome["results"], is_test, strict=True) if scored]
         passed = sum(r is None for r in results)
         score = passed / len(results) if results else 0.0
         failed = next(((s, r) for s, r in zip(statements, outcome["results"]) if r is not None), None)
         if failed is None and results:
-            return verdict(score=score, solved=True, feedback=f"All {len(results)} tests passed.")
+            return verdict(score=score, solved=True, feedback=note + f"All {len(results)} tests passed.")
         if failed is None:
             return verdict(score=0.0, solved=False, feedback="The example has no tests to run.")
         shown = failed[0] if "\n" not in failed[0] else failed[0].splitlines()[0] + " …"
-        text = f"{passed} of {len(results)} tests passed. The first failure: `{shown}` raised {failed[1]}."
+        text = note + f"{passed} of {len(results)} tests passed. The first failure: `{shown}` raised {failed[1]}."
         if failed[1].startswith("MemoryError"):
             text += f" It ran out of memory (limit {self.memory_mb} MB)."
         return verdict(score=score, solved=False, feedback=text)
