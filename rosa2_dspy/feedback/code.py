@@ -478,11 +478,10 @@ def drop_broken_tail(code: str, entry_point: str) -> tuple[str, int] | None:
     for cut in reversed(starts):
         head = "\n".join(lines[:cut]).rstrip()
         try:
-            tree = _parse(head)
+            _parse(head)
         except SyntaxError:
             continue
-        if any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
-               for node in tree.body):
+        if defines(head, entry_point):
             return head, cut + 1
     return None
 
