@@ -24,7 +24,7 @@ Config (``programs/configs/carryover.json``): the experiment's keys (actor, refi
 max_turns, protocol, concurrency) plus ``split`` (``test`` for reported runs), ``seed``,
 ``users_per_kind`` and ``new_questions``.
 
-Run: ``python -m programs.carryover [--config carryover] [--protocol hint] [--modes joint,static]``;
+Run: ``python -m programs.carryover [--config carryover|carryover_answer] [--protocol hint] [--modes joint,static]``;
 writes ``results/<name>.json``.
 """
 
