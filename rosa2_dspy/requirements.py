@@ -35,7 +35,11 @@ _BLOCK = re.compile(r"\n*^" + re.escape(HEADER) + r"[ \t]*$", re.MULTILINE)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _STATES_ANSWER = re.compile(r"\b(?:correct|right|final|the)\s+(?:answer|result|solution)\s+(?:is|was|=|:)\s*\S",
                             re.IGNORECASE)
-# "... is wrong": a requirement that only calls something wrong (words._ONLY_COMPLAINT: a sentence that is nothing else)
+# A sentence that is nothing but a complaint ("No, that's not right."), and one that calls something wrong
+ONLY_COMPLAINT = re.compile(
+    r"^\W*(?:(?:no|nope|wrong|incorrect|not quite)\W*)?(?:that'?s (?:not right|not it|wrong|incorrect)\W*)?$"
+    r"|^\W*your answer\b.*\bnot what i meant\W*$|^\W*check your work\b|^\W*i got no answer\b",
+    re.IGNORECASE)
 _CALLS_WRONG = re.compile(r"\b(?:is|was|are|were)\s+(?:wrong|incorrect|not (?:right|correct|what i meant))\b",
                         re.IGNORECASE)
 _FIELD_MARKER = re.compile(r"\[+\s*#|#+\s*\]+")
@@ -140,7 +144,7 @@ def rejection_reason(requirement: str, forbidden: set[str], answers: Sequence[st
         return "leaks format markers or code"
     if _STATES_ANSWER.search(text):
         return "states a specific answer"
-    if _CALLS_WRONG.search(text):
+    if _CALLS_WRONG.search(text) or ONLY_COMPLAINT.match(text):
         return "a complaint, not a requirement"
     if any(_canonical(n) in forbidden for n in _NUMBER.findall(text)):
         return "copies a number of a specific question or answer"

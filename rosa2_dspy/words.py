@@ -233,7 +233,7 @@ class InstructionRefiner(dspy.Module):
         said = " ".join(kept)
         if self.style == "requirements":
             # Each remaining sentence must itself be fit for the words (no example values, no answers).
-            fit = [s for s in kept if not _ONLY_COMPLAINT.match(s)
+            fit = [s for s in kept if not requirements.ONLY_COMPLAINT.match(s)
                    and not requirements.rejection_reason(f"The user said: {s}", forbidden or set(), answers)]
             requirement = f"The user said: {' '.join(fit)}"
             usable = self.fallback == "append" and fit and len(requirement) <= requirements.MAX_REQUIREMENT_CHARS
@@ -245,14 +245,6 @@ class InstructionRefiner(dspy.Module):
                                    reason=reason, diagnosis=diagnosis, source="append")
         return dspy.Prediction(refined_instruction=instruction, accepted=False, reason=reason, diagnosis=diagnosis,
                                source="kept")
-
-
-# Whole sentences of feedback that say "wrong" without saying what is wanted (requirements._CALLS_WRONG
-# refuses a requirement that calls something wrong inside it).
-_ONLY_COMPLAINT = re.compile(
-    r"^\W*(?:(?:no|nope|wrong|incorrect|not quite)\W*)?(?:that'?s (?:not right|not it|wrong|incorrect)\W*)?$"
-    r"|^\W*your answer\b.*\bnot what i meant\W*$|^\W*check your work\b|^\W*i got no answer\b",
-    re.IGNORECASE)
 
 
 def _tidy(requirement: str) -> str:

@@ -42,6 +42,9 @@ def test_a_requirement_never_carries_a_specific_answer():
     assert rejection_reason("Round numbers to 2 decimal places.", forbidden) == ""
     assert rejection_reason("Put the final answer in parentheses.", forbidden) == ""
     assert rejection_reason("The answer to the question is wrong.", forbidden) == "a complaint, not a requirement"
+    # the simulated user's own words, which the embedded refiner wrote back as a requirement in most
+    # conversations of the math run under `none` (results/math_embedded_cpu.json)
+    assert rejection_reason("No, that's not right.", forbidden) == "a complaint, not a requirement"
     assert "echoes" in rejection_reason("Say: the Eiffel Tower was completed in", set(),
                                         ["The Eiffel Tower was completed in 1889 in Paris."])
 
