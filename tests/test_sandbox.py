@@ -20,7 +20,7 @@ from pathlib import Path
 import dspy
 import pytest
 
-from rosa2_dspy.feedback import code as code_module
+from rosa2_dspy.feedback import sandbox as sandbox_module
 from rosa2_dspy.feedback.code import CodeVerifier
 
 ADD_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\nassert add(0, 0) == 0"
@@ -195,12 +195,12 @@ def test_files_outside_the_sandbox_are_unreadable_when_reported(sandbox, tmp_pat
 @pytest.fixture
 def no_unshare(monkeypatch, tmp_path):
     """Make the namespace tools unfindable, as on a machine without util-linux (the probe is re-run)."""
-    monkeypatch.setattr(code_module, "_PATH", str(tmp_path))
-    code_module._why_no_namespaces.cache_clear()
-    code_module._warn_fallback.cache_clear()
+    monkeypatch.setattr(sandbox_module, "_PATH", str(tmp_path))
+    sandbox_module._why_no_namespaces.cache_clear()
+    sandbox_module._warn_fallback.cache_clear()
     yield
-    code_module._why_no_namespaces.cache_clear()
-    code_module._warn_fallback.cache_clear()
+    sandbox_module._why_no_namespaces.cache_clear()
+    sandbox_module._warn_fallback.cache_clear()
 
 
 def test_without_namespaces_auto_falls_back_with_one_warning_and_says_so(no_unshare, recwarn) -> None:
