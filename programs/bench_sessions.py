@@ -35,7 +35,7 @@ from typing import Any
 import dspy
 import torch
 
-from programs import experiment
+from programs import experiment, experiment_report
 from programs.random_model import resolve_model
 from programs.reporting import RESULTS_DIR, format_table, machine_facts
 from programs.tasks import load_task
@@ -214,7 +214,7 @@ def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit:
     phases = {k: v["seconds_per_turn"] for k, v in sequential["summaries"].items()}
     joint = phases.get("joint", {})
     if as_configured:
-        experiment.report(concurrent, config.get("name", "experiment"))  # the same run is the main job's result
+        experiment_report.report(concurrent, config.get("name", "experiment"))  # the same run is the main job's result
     return {
         "config": config_name, "actor": config["actor"], "tasks": config.get("limit"),
         "sequential_wall_s": sequential["wall_seconds"],

@@ -42,8 +42,10 @@ import dspy
 import torch
 
 from programs import experiment
+from programs.progress import ConfigMismatchError, ProgressFile, config_hash, progress_path_for
 from programs.intentgen import EXAMPLE_NUMBER, check, numbers_in, users
 from programs.reporting import write_results
+from programs.tasks import resolve_protocol
 from rosa2_dspy import ROSA2
 from rosa2_dspy.feedback.simulated_user import PROTOCOLS
 from rosa2_dspy.stats import METHOD, bootstrap_ci, mcnemar_exact, paired_difference_ci, with_ci
@@ -133,13 +135,13 @@ def run_carryover(config: dict[str, Any], progress: bool = True, progress_path: 
 
     Resumable like :func:`programs.experiment.run_experiment`: with ``progress_path`` each finished user is
     appended there and a rerun of the same config runs only the rest (``fresh=True`` starts over)."""
-    protocol, _ = experiment.resolve_protocol(config)
+    protocol, _ = resolve_protocol(config)
     config = {**config, "task": TASK, "protocol": protocol}
     people = carryover_users(config)
     modes = experiment.mode_names(config)
     jobs = [(mode, u) for mode in modes for u in range(len(people))]
     tasks = [_example(t) for p in people for t in (p["first"], *p["new"])]
-    store = (experiment.ProgressFile(Path(progress_path), experiment.config_hash(config, tasks), config,
+    store = (ProgressFile(Path(progress_path), config_hash(config, tasks), config,
                                      decode=lambda row: row) if progress_path else None)
     done = store.load(fresh) if store else {}
     records = {job: r for job, r in done.items() if job in set(jobs)}
@@ -188,7 +190,7 @@ def summarize_mode(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def analyse(config: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    protocol = config.get("protocol") or experiment.resolve_protocol(config)[0]
+    protocol = config.get("protocol") or resolve_protocol(config)[0]
     return {"config": config, "protocol": protocol, "protocol_label": PROTOCOLS[protocol], "statistics": METHOD,
             "summaries": {mode: summarize_mode(r) for mode, r in runs.items()}, "users": runs}
 
@@ -241,13 +243,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.modes:
         config["modes"] = args.modes.split(",")
     name = args.name or config.get("name", "carryover")
-    progress_path = experiment.progress_path_for(name)
+    progress_path = progress_path_for(name)
     try:
         results = run_carryover(config, progress_path=progress_path, fresh=args.fresh)
-    except experiment.ConfigMismatchError as err:
+    except ConfigMismatchError as err:
         raise SystemExit(str(err)) from None
     report(results, name)
-    experiment.ProgressFile(progress_path, "", {}).remove()
+    ProgressFile(progress_path, "", {}).remove()
 
 
 if __name__ == "__main__":

@@ -90,7 +90,6 @@ returned conversation to the same progress file, so resume and the records are t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import statistics
@@ -102,13 +101,14 @@ from typing import Any
 import dspy
 from tqdm import tqdm
 
-from programs import reporting
-from programs.reporting import format_table, write_results
-from programs.tasks import feedback_for, load_task, oracle_text, signature_for, with_instruction_note
+from programs.experiment_report import report
+from programs.progress import ConfigMismatchError, ProgressFile, as_json, config_hash, progress_path_for, trajectory
+from programs.tasks import (ORACLE, feedback_for, load_task, oracle_text, resolve_protocol, signature_for,
+                            with_instruction_note)
 from rosa2_dspy import MODES, ROSA2, LocalLM, LoRASettings, ROSAStep, summarize
-from rosa2_dspy.feedback.simulated_user import PROTOCOLS, protocol_of
+from rosa2_dspy.feedback.simulated_user import PROTOCOLS
 from rosa2_dspy.records import TurnRecord
-from rosa2_dspy.stats import METHOD, accuracy_by_group, compare_modes, with_ci
+from rosa2_dspy.stats import METHOD, accuracy_by_group, compare_modes
 from rosa2_dspy.theorem41 import DEFAULT_DELTA, summarize_shifts
 from rosa2_dspy.local_lm import make_adapter
 
@@ -170,27 +170,6 @@ def theorem_41(trajectories: list[list[Any]]) -> dict[str, Any]:
     return summarize_shifts(trajectories)
 
 
-def resolve_protocol(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The config's feedback protocol name and the ``feedback_for`` options that realise it.
-
-    ``protocol`` names it; without one, ``feedback.reveal``/``reveal_after`` (older configs; defaults
-    ``"hint"``, 2) are named by the protocol they amount to. Both given and disagreeing is an error.
-    """
-    feedback = dict(config.get("feedback", {}))
-    protocol = config.get("protocol")
-    if protocol is None:
-        reveal, reveal_after = feedback.get("reveal", "hint"), feedback.get("reveal_after", 2)
-        return protocol_of(reveal, reveal_after), {"reveal": reveal, "reveal_after": reveal_after}
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"Unknown feedback protocol {protocol!r}; choose one of {tuple(PROTOCOLS)}.")
-    if "reveal" in feedback and protocol_of(feedback["reveal"], feedback.get("reveal_after")) != protocol:
-        raise ValueError(f"The config names protocol {protocol!r} but its feedback options {feedback} amount to "
-                         f"{protocol_of(feedback['reveal'], feedback.get('reveal_after'))!r}; drop feedback.reveal.")
-    if "reveal" in feedback:  # the same protocol, spelled the old way: keep its options as they are
-        return protocol, {"reveal": feedback["reveal"], "reveal_after": feedback.get("reveal_after")}
-    return protocol, {"protocol": protocol, "reveal_after": feedback.get("reveal_after", 1)}
-
-
 def mode_names(config: dict[str, Any]) -> list[str]:
     """The modes a config runs (a served actor runs only the modes that leave the weights alone)."""
     served = str(config.get("actor", {}).get("model", "embedded")).startswith("litellm:")
@@ -198,9 +177,6 @@ def mode_names(config: dict[str, Any]) -> list[str]:
     if served and set(modes) - set(SERVED_MODES):
         raise ValueError(f"A served actor cannot update weights; use modes from {SERVED_MODES}, got {modes}.")
     return modes
-
-
-ORACLE = "oracle"
 
 
 def task_examples(config: dict[str, Any]) -> list[dspy.Example]:
@@ -256,91 +232,7 @@ def oracle_answer(config: dict[str, Any], actor: dspy.BaseLM, task: str, example
     return result.rosa2.trajectory
 
 
-# ---------------------------------------------------------------------------------------------- long runs
-
-# Settings that change how fast a run goes, not its records: a resumed run may change them.
-NOT_HASHED = ("concurrency", "name", "ray")
-
-
-def config_hash(config: dict[str, Any], examples: list[dspy.Example]) -> str:
-    """A digest of everything that decides a run's records: the config (less :data:`NOT_HASHED`) and the tasks."""
-    blob = json.dumps({"config": {k: v for k, v in config.items() if k not in NOT_HASHED},
-                       "tasks": [dict(e.toDict()) for e in examples]}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-class ConfigMismatchError(ValueError):
-    """A progress file holds conversations of another config; they must not be mixed into this run."""
-
-
-def _as_json(trajectory: list[TurnRecord]) -> list[dict[str, Any]]:
-    return json.loads(json.dumps([r.to_dict() for r in trajectory], default=str))
-
-
-def _trajectory(rows: list[dict[str, Any]]) -> list[TurnRecord]:
-    return [TurnRecord.from_dict(r) for r in rows]
-
-
-class ProgressFile:
-    """``<name>.partial.jsonl``: a header line (config hash and config), then one line per finished
-    conversation ``{"mode", "task", "question", "seconds", "trajectory"}``, each appended and flushed
-    as it finishes, so an interrupted run loses only the conversations in flight.
-
-    ``decode`` turns a line's ``trajectory`` back into the run's record (default: a list of
-    :class:`TurnRecord`; the carry-over protocol stores one user's whole protocol there)."""
-
-    def __init__(self, path: Path, digest: str, config: dict[str, Any], decode: Any = _trajectory) -> None:
-        self.path, self.digest, self.config, self.decode = Path(path), digest, config, decode
-
-    def load(self, fresh: bool = False) -> dict[tuple[str, int], Any]:
-        """The finished conversations of an earlier run of the same config (none if ``fresh`` or no file).
-
-        Raises :class:`ConfigMismatchError` if the file belongs to another config. A last line cut short
-        by a kill is dropped (that conversation runs again)."""
-        if fresh or not self.path.is_file():
-            self._start()
-            return {}
-        raw = self.path.read_bytes()
-        if raw and not raw.endswith(b"\n"):  # a line cut short: keep the whole lines only
-            raw = raw[: raw.rfind(b"\n") + 1]
-            self.path.write_bytes(raw)
-        lines = raw.decode("utf-8").splitlines()
-        try:
-            header = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
-            header = {}
-        if header.get("config_hash") != self.digest:
-            raise ConfigMismatchError(
-                f"{self.path} holds conversations of a different configuration or task set (hash "
-                f"{header.get('config_hash')!r}, this run {self.digest!r}); they will not be mixed into this run. "
-                "Rerun with --fresh to discard them and start over, or give another --name.")
-        done: dict[tuple[str, int], Any] = {}
-        for line in lines[1:]:
-            row = json.loads(line)
-            done[(row["mode"], int(row["task"]))] = self.decode(row["trajectory"])
-        return done
-
-    def _start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        header = {"config_hash": self.digest, "config": self.config,
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.path.write_text(json.dumps(header, default=str) + "\n")
-
-    def append(self, mode: str, task: int, question: str, seconds: float, trajectory: Any) -> None:
-        line = json.dumps({"mode": mode, "task": task, "question": question, "seconds": seconds,
-                           "trajectory": trajectory}, default=str)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def progress_path_for(name: str) -> Path:
-    """Where a run named ``name`` keeps its finished conversations: next to its results file."""
-    return Path(reporting.RESULTS_DIR) / f"{name}.partial.jsonl"
-
+# ---------------------------------------------------------------------------------------------- running
 
 def run_experiment(config: dict[str, Any], progress: bool = True, progress_path: str | Path | None = None,
                    fresh: bool = False, finished_only: bool = False) -> dict[str, Any]:
@@ -421,7 +313,7 @@ def conversation_runner(config: dict[str, Any], examples: list[dspy.Example]) ->
 
 def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[str, int], Any],
               store: ProgressFile | None, examples: list[dspy.Example], concurrency: int, total: int,
-              progress: bool, encode: Any = _as_json, decode: Any = _trajectory) -> None:
+              progress: bool, encode: Any = as_json, decode: Any = trajectory) -> None:
     """Run the conversations on a thread pool, recording (and appending) each as it finishes.
 
     If one fails, no new conversation starts; those in flight finish and are kept, then the first error
@@ -484,147 +376,6 @@ def analyse(config: dict[str, Any], trajectories: dict[str, list[list[TurnRecord
         **({"task_steps": task_steps, "by_steps": by_steps} if task_steps else {}),
         "trajectories": {mode: [[r.to_dict() for r in t] for t in runs] for mode, runs in trajectories.items()},
     }
-
-
-# ---------------------------------------------------------------------------------------------- reporting
-
-def table_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per mode; acc@k, turns-to-solve, mean turns and uplift as ``value [95% CI]``."""
-    rows = []
-    for mode, s in summaries.items():
-        cis = s.get("accuracy_per_turn_ci") or [None] * len(s["accuracy_per_turn"])
-        row: dict[str, Any] = {"mode": mode}
-        row.update({f"acc@{k + 1}": with_ci(a, ci) for k, (a, ci) in enumerate(zip(s["accuracy_per_turn"], cis))})
-        if mode == ORACLE:  # one answer per task: acc@1 is all it has
-            rows.append(row)
-            continue
-        row.update({
-            "turns-to-solve": with_ci(s["turns_to_solve"], s.get("turns_to_solve_ci")),
-            "mean turns": with_ci(s["mean_turns"], s.get("mean_turns_ci")),
-            "correction uplift": with_ci(s["correction_uplift"], s.get("correction_uplift_ci")),
-            **({"reward@1": with_ci(s["reward_per_turn"][0], s["reward_per_turn_ci"][0]),
-                f"reward@{len(s['reward_per_turn'])}": with_ci(s["reward_per_turn"][-1], s["reward_per_turn_ci"][-1])}
-               if s.get("reward_per_turn") else {}),
-            "mean |Δθ|": s["mean_delta_norm"],
-            "degenerate at end": s["degenerate_final"],
-            **{f"{p} s/turn": v for p, v in s["seconds_per_turn"].items()},
-        })
-        rows.append(row)
-    return rows
-
-
-def comparison_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per pair of modes: solved by the last turn, difference [95% CI], discordant tasks, McNemar p."""
-    return [{
-        "modes (a vs b)": f"{c['a']} vs {c['b']}",
-        f"acc@{c['turn']} a": with_ci(c["accuracy_a"], None), f"acc@{c['turn']} b": with_ci(c["accuracy_b"], None),
-        "a − b [95% CI]": with_ci(c["difference"], c["difference_ci"]),
-        "only a solved": c["a_only"], "only b solved": c["b_only"], "McNemar p (exact)": round(c["mcnemar_p"], 4),
-    } for c in comparisons]
-
-
-def theorem_rows(theorem: dict[str, Any]) -> list[dict[str, Any]]:
-    """Theorem 4.1's summary as one table row: turns measured and skipped, the ratio's quartiles, the share
-    below 1 and the mean log-ratio with their intervals."""
-    q = theorem.get("ratio_quantiles") or {}
-    skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(theorem.get("skipped", {}).items())) or "0"
-    return [{
-        "turns (conversations)": f"{theorem['measured']} ({theorem['conversations']})",
-        "skipped": skipped,
-        "‖Δθ(x*)‖/‖Δθ(x)‖ q1 / median / q3": " / ".join(f"{q[k]:.3g}" for k in ("q1", "median", "q3")) if q else "–",
-        "share < 1 [95% CI]": with_ci(theorem.get("share_below_1"), theorem.get("share_below_1_ci")),
-        "mean log-ratio [95% CI]": with_ci(theorem.get("mean_log_ratio"), theorem.get("mean_log_ratio_ci"), 3),
-        "same level: share < 1 [95% CI]": with_ci((theorem.get("same_level") or {}).get("share_below_1"),
-                                                  (theorem.get("same_level") or {}).get("share_below_1_ci")),
-        "reference": ", ".join(f"{k}: {v}" for k, v in sorted((theorem.get("reference_sources") or {}).items())) or "–",
-    }]
-
-
-def steps_rows(by_steps: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per mode: the share solved by the last turn for each step count, ``value [95% CI] (n)``."""
-    return [{"mode": mode, **{f"{steps} steps": f"{with_ci(g['accuracy'], g['accuracy_ci'])} (n={g['tasks']})"
-                              for steps, g in groups.items()}} for mode, groups in by_steps.items()]
-
-
-def title_for(results: dict[str, Any]) -> str:
-    """The table/plot title: task, actor and the feedback protocol (``answer`` reads "learning a revealed answer")."""
-    config = results["config"]
-    protocol = results.get("protocol") or resolve_protocol(config)[0]
-    return (f"{config.get('task', 'intent')} · {config.get('actor', {}).get('model', 'embedded')} · "
-            f"protocol {protocol} ({PROTOCOLS[protocol]})")
-
-
-def plot_accuracy(summaries: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
-    """Accuracy over turns per mode with 95% bootstrap intervals as error bars (modes offset a little)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    oracle = summaries.get(ORACLE)
-    summaries = {mode: s for mode, s in summaries.items() if mode != ORACLE}
-    if oracle:  # the ceiling of the words step: first answers with the hidden intent in the instruction
-        ax.axhline(oracle["accuracy_per_turn"][0], color="grey", linestyle="--", label="oracle (acc@1)")
-        if oracle["accuracy_per_turn_ci"] and oracle["accuracy_per_turn_ci"][0]:
-            ax.axhspan(*oracle["accuracy_per_turn_ci"][0], color="grey", alpha=0.12)
-    width = 0.06 * max(len(summaries) - 1, 0)
-    for j, (mode, s) in enumerate(summaries.items()):
-        accuracy = s["accuracy_per_turn"]
-        turns = list(range(1, len(accuracy) + 1))
-        offset = (j / max(len(summaries) - 1, 1) - 0.5) * width
-        cis = s.get("accuracy_per_turn_ci") or [None] * len(accuracy)
-        lower = [a - ci[0] if ci else 0.0 for a, ci in zip(accuracy, cis)]
-        upper = [ci[1] - a if ci else 0.0 for a, ci in zip(accuracy, cis)]
-        ax.errorbar([t + offset for t in turns], accuracy, yerr=[lower, upper], marker="o", capsize=3, label=mode,
-                    linewidth=2.5 if mode == "joint" else 1.5)
-    ax.set_xlabel("turn")
-    ax.set_ylabel("accuracy (solved by this turn), 95% CI")
-    ax.set_ylim(-0.04, 1.04)
-    ax.set_xticks(turns)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def report(results: dict[str, Any], name: str, machine: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Print the tables, write JSON and the accuracy-over-turns plot under ``results/``.
-
-    ``machine`` keeps an earlier run's machine facts (when re-analysing its file); default: this machine."""
-    title = title_for(results)
-    rows = table_rows(results["summaries"])
-    extra = {k: v for k, v in results.items()}
-    extra["title"] = title
-    if machine is not None:
-        extra["machine"] = machine
-    json_path = write_results(name, rows, extra=extra, title=title)
-    if results.get("comparisons"):
-        turn = results["comparisons"][0]["turn"]
-        print(f"\nPaired comparisons on the same tasks, solved by turn {turn} ({results.get('statistics', METHOD)}):")
-        print(format_table(comparison_rows(results["comparisons"])))
-    if results.get("by_steps"):
-        print(f"\nSolved by turn {results['config'].get('max_turns', 4)}, by the problem's number of steps:")
-        print(format_table(steps_rows(results["by_steps"])))
-    if results.get("oracle_comparisons"):
-        print("\nOracle instruction vs each mode's first answer on the same tasks (acc@1):")
-        print(format_table(comparison_rows(results["oracle_comparisons"])))
-    plot = plot_accuracy(results["summaries"], json_path.with_suffix(".png"), title)
-    theorem = results.get("theorem_4_1") or {}
-    if theorem.get("measured") or theorem.get("skipped"):
-        print(f"\nTheorem 4.1 (joint mode): the smallest shift raising log π(reference | context) by δ = "
-              f"{theorem.get('delta', '–')} nats, refined words x* vs original x ({theorem['ci_method']}):")
-        print(format_table(theorem_rows(theorem)))
-    step_norms = results.get("step_norm_comparison") or {}
-    if step_norms.get("pairs"):
-        print(f"\nStep-norm comparison (joint mode, ROSA's own step under both contexts, {step_norms['pairs']} steps; "
-              f"not Theorem 4.1's quantity): mean ‖Δθ‖ under x* = {step_norms['mean_refined']:.4g} vs under x = "
-              f"{step_norms['mean_original']:.4g}; smaller under x* in {100 * step_norms['share_refined_smaller']:.0f}% of steps")
-    print(f"wrote {plot}")
-    return {"json": json_path, "plot": plot}
 
 
 def reanalyse(path: str | Path, name: str | None = None) -> dict[str, Path]:

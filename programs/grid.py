@@ -35,6 +35,8 @@ import dspy
 from tqdm import tqdm
 
 from programs import experiment
+from programs.progress import ProgressFile, config_hash
+from programs.progress import trajectory as decode_trajectory
 
 DEFAULT_CHUNK = 8
 # Settings every worker needs to read the model and litellm offline (a cluster's workers do not share the
@@ -83,9 +85,9 @@ def run_cell(config: dict[str, Any], jobs: list[tuple[str, int]], digest: str) -
 
     ``rows`` are the finished conversations as progress-file lines; ``error`` is the first failure (then no
     conversation started after it; those finished are still returned). ``digest`` is the driver's
-    :func:`programs.experiment.config_hash`: a worker whose tasks differ refuses to run."""
+    :func:`programs.progress.config_hash`: a worker whose tasks differ refuses to run."""
     examples = experiment.task_examples(config)
-    mine = experiment.config_hash(config, examples)
+    mine = config_hash(config, examples)
     if mine != digest:
         raise RuntimeError(f"This worker's tasks hash to {mine}, the driver's to {digest}: install the same "
                            "rosa2-dspy version and task data on every node of the cluster.")
@@ -123,7 +125,7 @@ def _start(ray: Any, address: str | None) -> bool:
 
 
 def run_on_ray(config: dict[str, Any], todo: list[tuple[str, int]], records: dict[tuple[str, int], Any],
-               store: experiment.ProgressFile | None, examples: list[dspy.Example], total: int,
+               store: ProgressFile | None, examples: list[dspy.Example], total: int,
                progress: bool) -> None:
     """Run ``todo`` as cells on Ray; record (and append to ``store``) each conversation as its cell returns.
 
@@ -131,7 +133,7 @@ def run_on_ray(config: dict[str, Any], todo: list[tuple[str, int]], records: dic
     running are then cancelled (a rerun runs them again)."""
     ray = _import_ray()
     settings = ray_settings(config)
-    digest = experiment.config_hash(config, examples)
+    digest = config_hash(config, examples)
     started = _start(ray, settings["address"])
     error: BaseException | None = None
     try:
@@ -145,7 +147,7 @@ def run_on_ray(config: dict[str, Any], todo: list[tuple[str, int]], records: dic
                 pending.pop(ready)
                 out = ray.get(ready)
                 for row in out["rows"]:
-                    records[(row["mode"], row["task"])] = experiment._trajectory(row["trajectory"])
+                    records[(row["mode"], row["task"])] = decode_trajectory(row["trajectory"])
                     if store:
                         store.append(row["mode"], row["task"], row["question"], row["seconds"], row["trajectory"])
                     bar.update()

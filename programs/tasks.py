@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import Any
 
 import dspy
 
@@ -22,7 +23,7 @@ from rosa2_dspy.feedback import FeedbackFn
 from rosa2_dspy.feedback.code import CodeVerifier
 from rosa2_dspy.feedback.intent import IntentVerifier
 from rosa2_dspy.feedback.math import MathVerifier
-from rosa2_dspy.feedback.simulated_user import Reveal, SimulatedUser, protocol_settings
+from rosa2_dspy.feedback.simulated_user import PROTOCOLS, Reveal, SimulatedUser, protocol_of, protocol_settings
 
 TASKS = ("math", "math_smoke", "code", "humaneval", "intent", "intentgen")
 GENERATED = ("math", "intentgen")
@@ -97,6 +98,30 @@ def feedback_for(name: str, reveal: Reveal = "hint", reveal_after: int | None = 
         return SimulatedUser(FormatValueVerifier(), reveal, reveal_after, answer_field="answer", gold_field="answer")
     verifier = MathVerifier() if name.startswith("math") else IntentVerifier()
     return SimulatedUser(verifier, reveal, reveal_after, answer_field="answer", gold_field="answer")
+
+
+def resolve_protocol(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The config's feedback protocol name and the ``feedback_for`` options that realise it.
+
+    ``protocol`` names it; without one, ``feedback.reveal``/``reveal_after`` (older configs; defaults
+    ``"hint"``, 2) are named by the protocol they amount to. Both given and disagreeing is an error.
+    """
+    feedback = dict(config.get("feedback", {}))
+    protocol = config.get("protocol")
+    if protocol is None:
+        reveal, reveal_after = feedback.get("reveal", "hint"), feedback.get("reveal_after", 2)
+        return protocol_of(reveal, reveal_after), {"reveal": reveal, "reveal_after": reveal_after}
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown feedback protocol {protocol!r}; choose one of {tuple(PROTOCOLS)}.")
+    if "reveal" in feedback and protocol_of(feedback["reveal"], feedback.get("reveal_after")) != protocol:
+        raise ValueError(f"The config names protocol {protocol!r} but its feedback options {feedback} amount to "
+                         f"{protocol_of(feedback['reveal'], feedback.get('reveal_after'))!r}; drop feedback.reveal.")
+    if "reveal" in feedback:  # the same protocol, spelled the old way: keep its options as they are
+        return protocol, {"reveal": feedback["reveal"], "reveal_after": feedback.get("reveal_after")}
+    return protocol, {"protocol": protocol, "reveal_after": feedback.get("reveal_after", 1)}
+
+
+ORACLE = "oracle"  # the row of first answers under the oracle instruction (oracle_text)
 
 
 def oracle_text(task: str, example: dspy.Example) -> str:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from programs import experiment, reporting
+from programs import experiment, experiment_report, reporting
 from rosa2_dspy import MODES
 
 
@@ -41,7 +41,7 @@ def test_every_mode_runs_on_the_same_tasks_and_reports_table_json_and_plot(tiny_
     assert theorem["measured"] == 2 and theorem["skipped"] == {} and theorem["reference_sources"] == {"gold": 2}
     assert all(r["theorem41"] is None for m in MODES if m != "joint" for t in results["trajectories"][m] for r in t)
 
-    paths = experiment.report(results, "tiny")
+    paths = experiment_report.report(results, "tiny")
     written = json.loads(paths["json"].read_text())
     assert [row["mode"] for row in written["rows"]] == list(MODES)
     assert written["machine"]["cpu_count"] and written["trajectories"]["joint"][0][0]["turn"] == 1

@@ -8,7 +8,7 @@ import json
 import dspy
 import pytest
 
-from programs import carryover, experiment, reporting
+from programs import carryover, experiment, experiment_report, reporting
 from programs.intentgen import (EXAMPLE_NUMBER, KINDS, SPLITS, FormatValueVerifier, check, generate, questions,
                                 users)
 from programs.tasks import feedback_for, load_task, oracle_text, with_instruction_note
@@ -141,7 +141,7 @@ def test_oracle_row_is_the_static_programs_first_answer_with_the_oracle_instruct
     assert len(summary["accuracy_per_turn"]) == 1 and len(summary["accuracy_per_turn_ci"]) == 1
     assert [c["b"] for c in results["oracle_comparisons"]] == ["static"]
     assert all(c["a"] != "oracle" for c in results["comparisons"])
-    paths = experiment.report(results, "tiny-oracle")
+    paths = experiment_report.report(results, "tiny-oracle")
     written = json.loads(paths["json"].read_text())
     row = next(r for r in written["rows"] if r["mode"] == "oracle")
     assert set(row) == {"mode", "acc@1"}

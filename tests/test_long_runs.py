@@ -13,6 +13,7 @@ import math
 import pytest
 
 from programs import experiment, reporting
+from programs.progress import ConfigMismatchError
 from conftest import tiny_experiment_config as tiny_config
 from programs.tasks import feedback_for as real_feedback_for
 from rosa2_dspy import ROSA2
@@ -116,7 +117,7 @@ def test_a_different_config_is_refused_unless_fresh(tiny_model_dir, tmp_path, ra
     assert len(ran) == 1
 
     for changed in ({"max_turns": 3}, {"protocol": "none", "feedback": {}}, {"limit": 2}):
-        with pytest.raises(experiment.ConfigMismatchError, match="--fresh"):
+        with pytest.raises(ConfigMismatchError, match="--fresh"):
             experiment.run_experiment({**config, **changed}, progress=False, progress_path=progress)
     assert len(ran) == 1 and len(read_progress(progress)[1]) == 1  # nothing ran, nothing was mixed in
 

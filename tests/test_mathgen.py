@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dspy
 import pytest
 
-from programs import experiment, mathgen, reporting
+from programs import experiment, experiment_report, mathgen, reporting
 from programs.tasks import load_task
 from rosa2_dspy.feedback.math import MathVerifier, answers_match
 from rosa2_dspy.records import TurnRecord
@@ -131,10 +131,10 @@ def test_accuracy_by_steps_in_the_analysis_and_reanalysis(tmp_path, monkeypatch)
     assert results["by_steps"]["static"]["2"] == {"tasks": 2, "solved": 1, "accuracy": 0.5, "accuracy_ci": [0.0, 1.0]}
     assert results["by_steps"]["static"]["3"]["accuracy"] == 0.5
     assert "by_steps" not in experiment.analyse(config, trajectories)  # tasks without steps: no breakdown
-    paths = experiment.report({**results, "wall_seconds": 0.0}, "steps")
+    paths = experiment_report.report({**results, "wall_seconds": 0.0}, "steps")
     again = experiment.reanalyse(paths["json"], "steps_again")
     assert json.loads(again["json"].read_text())["by_steps"] == results["by_steps"]
-    assert experiment.steps_rows(results["by_steps"])[0]["2 steps"] == "0.50 [0.00, 1.00] (n=2)"
+    assert experiment_report.steps_rows(results["by_steps"])[0]["2 steps"] == "0.50 [0.00, 1.00] (n=2)"
     with pytest.raises(ValueError, match="One group per task"):
         accuracy_by_group([1, None], [2], k=1)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dspy
 import pytest
 
-from programs import experiment
-from programs.tasks import feedback_for, load_task
+from programs import experiment, experiment_report
+from programs.tasks import feedback_for, load_task, resolve_protocol
 from rosa2_dspy.feedback import IntentVerifier, MathVerifier, SimulatedUser
 from rosa2_dspy.feedback.simulated_user import PROTOCOLS, protocol_of, protocol_settings
 
@@ -62,15 +62,15 @@ def test_protocols_are_settings_of_the_reveal_options_and_named_back():
 
 
 def test_experiment_configs_name_their_protocol():
-    assert experiment.resolve_protocol({"protocol": "hint"}) == ("hint", {"protocol": "hint", "reveal_after": 1})
+    assert resolve_protocol({"protocol": "hint"}) == ("hint", {"protocol": "hint", "reveal_after": 1})
     # an older config is named by what its reveal options amount to
-    assert experiment.resolve_protocol({"feedback": {"reveal": "hint", "reveal_after": 1}})[0] == "answer"
-    assert experiment.resolve_protocol({"feedback": {"reveal": "none"}})[0] == "none"
-    assert experiment.resolve_protocol({})[0] == "answer"  # feedback_for's defaults: hint, answer from turn 2
+    assert resolve_protocol({"feedback": {"reveal": "hint", "reveal_after": 1}})[0] == "answer"
+    assert resolve_protocol({"feedback": {"reveal": "none"}})[0] == "none"
+    assert resolve_protocol({})[0] == "answer"  # feedback_for's defaults: hint, answer from turn 2
     with pytest.raises(ValueError, match="amount to 'answer'"):
-        experiment.resolve_protocol({"protocol": "hint", "feedback": {"reveal": "hint", "reveal_after": 1}})
+        resolve_protocol({"protocol": "hint", "feedback": {"reveal": "hint", "reveal_after": 1}})
     for name in ("default", "math", "math_smoke"):
-        assert experiment.resolve_protocol(experiment.load_config(name))[0] == "answer"
-    assert experiment.resolve_protocol(experiment.load_config("code"))[0] == "none"  # HumanEval's headline run
-    title = experiment.title_for({"config": {"task": "code", "protocol": "answer"}, "protocol": "answer"})
+        assert resolve_protocol(experiment.load_config(name))[0] == "answer"
+    assert resolve_protocol(experiment.load_config("code"))[0] == "none"  # HumanEval's headline run
+    title = experiment_report.title_for({"config": {"task": "code", "protocol": "answer"}, "protocol": "answer"})
     assert title == "code · embedded · protocol answer (learning a revealed answer)"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from programs import experiment, reporting
+from programs import experiment, experiment_report, reporting
 from rosa2_dspy import theorem41
 from rosa2_dspy.feedback.simulated_user import SimulatedUser
 from rosa2_dspy.records import TurnRecord
@@ -158,7 +158,7 @@ def test_the_analysis_reports_the_distribution_and_a_ci_containing_the_share():
     level = [(1 / (2 / r)) / 1.0 for r in flat]  # = r / 2: every one below 1 here
     assert summary["same_level"]["median_ratio"] == pytest.approx(float(np.median(level)))
     assert summary["same_level"]["share_below_1"] == 1.0 and summary["same_level"]["share_below_1_ci"] == [1.0, 1.0]
-    row = experiment.theorem_rows(summary)[0]
+    row = experiment_report.theorem_rows(summary)[0]
     assert row["turns (conversations)"] == "9 (5)" and row["share < 1 [95% CI]"].startswith("0.67 [")
     assert experiment.theorem_41([[_record(None)]]) == {"measured": 0, "conversations": 0, "skipped": {},
                                                         "ci_method": theorem41.CI_METHOD}
