@@ -217,3 +217,30 @@ def test_without_namespaces_auto_falls_back_with_one_warning_and_says_so(no_unsh
 def test_the_sandbox_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="sandbox must be one of"):
         CodeVerifier(sandbox="docker")
+
+
+# --- the Sandbox on its own ------------------------------------------------------------------------------------
+
+@modes
+def test_a_sandbox_child_answers_plain_data_and_is_gone_after_the_block(sandbox) -> None:
+    with sandbox_module.Sandbox(sandbox, timeout=5.0).child() as child:
+        assert child.request("exec", "x = 6 * 7\ndef f(n):\n    return [n, (n,), {n: b'a'}]") == ("value", None)
+        assert child.request("get", "x") == ("value", 42)
+        assert child.request("get", "f") == ("callable", None)
+        assert child.request("call", ["f", [1], {}]) == ("value", [1, (1,), {1: b"a"}])
+        kind, text = child.request("call", ["f", [], {}])
+        assert kind == "raised" and text.startswith("TypeError")
+    assert child.proc.poll() is not None
+
+
+@modes
+def test_a_sandbox_child_that_hangs_raises_child_gone_and_is_killed(sandbox) -> None:
+    with pytest.raises(sandbox_module.ChildGone) as gone:
+        with sandbox_module.Sandbox(sandbox, timeout=1.0).child() as child:
+            child.request("exec", "while True:\n    pass")
+    assert gone.value.timed_out and child.proc.poll() is not None
+
+
+def test_an_unknown_sandbox_kind_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="auto"):
+        sandbox_module.Sandbox("docker")
