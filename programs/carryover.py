@@ -42,8 +42,8 @@ import dspy
 import torch
 
 from programs import experiment
-from programs.progress import ConfigMismatchError, ProgressFile, config_hash, progress_path_for
 from programs.intentgen import EXAMPLE_NUMBER, check, numbers_in, users
+from programs.progress import ConfigMismatchError, ProgressFile, config_hash, progress_path_for
 from programs.reporting import write_results
 from programs.tasks import resolve_protocol
 from rosa2_dspy import ROSA2

@@ -102,7 +102,8 @@ import dspy
 from tqdm import tqdm
 
 from programs.experiment_report import report
-from programs.progress import ConfigMismatchError, ProgressFile, as_json, config_hash, progress_path_for, trajectory
+from programs.progress import (ConfigMismatchError, ProgressFile, config_hash, decode_trajectory, encode_trajectory,
+                               progress_path_for)
 from programs.tasks import (ORACLE, feedback_for, load_task, oracle_text, resolve_protocol, signature_for,
                             with_instruction_note)
 from rosa2_dspy import MODES, ROSA2, LocalLM, LoRASettings, ROSAStep, summarize
@@ -313,7 +314,7 @@ def conversation_runner(config: dict[str, Any], examples: list[dspy.Example]) ->
 
 def _run_jobs(todo: list[tuple[str, int]], converse: Any, records: dict[tuple[str, int], Any],
               store: ProgressFile | None, examples: list[dspy.Example], concurrency: int, total: int,
-              progress: bool, encode: Any = as_json, decode: Any = trajectory) -> None:
+              progress: bool, encode: Any = encode_trajectory, decode: Any = decode_trajectory) -> None:
     """Run the conversations on a thread pool, recording (and appending) each as it finishes.
 
     If one fails, no new conversation starts; those in flight finish and are kept, then the first error

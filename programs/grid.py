@@ -35,8 +35,7 @@ import dspy
 from tqdm import tqdm
 
 from programs import experiment
-from programs.progress import ProgressFile, config_hash
-from programs.progress import trajectory as decode_trajectory
+from programs.progress import ProgressFile, config_hash, decode_trajectory
 
 DEFAULT_CHUNK = 8
 # Settings every worker needs to read the model and litellm offline (a cluster's workers do not share the

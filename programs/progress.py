@@ -34,11 +34,11 @@ class ConfigMismatchError(ValueError):
     """A progress file holds conversations of another config; they must not be mixed into this run."""
 
 
-def as_json(trajectory: list[TurnRecord]) -> list[dict[str, Any]]:
+def encode_trajectory(trajectory: list[TurnRecord]) -> list[dict[str, Any]]:
     return json.loads(json.dumps([r.to_dict() for r in trajectory], default=str))
 
 
-def trajectory(rows: list[dict[str, Any]]) -> list[TurnRecord]:
+def decode_trajectory(rows: list[dict[str, Any]]) -> list[TurnRecord]:
     return [TurnRecord.from_dict(r) for r in rows]
 
 
@@ -50,7 +50,7 @@ class ProgressFile:
     ``decode`` turns a line's ``trajectory`` back into the run's record (default: a list of
     :class:`TurnRecord`; the carry-over protocol stores one user's whole protocol there)."""
 
-    def __init__(self, path: Path, digest: str, config: dict[str, Any], decode: Any = trajectory) -> None:
+    def __init__(self, path: Path, digest: str, config: dict[str, Any], decode: Any = decode_trajectory) -> None:
         self.path, self.digest, self.config, self.decode = Path(path), digest, config, decode
 
     def load(self, fresh: bool = False) -> dict[tuple[str, int], Any]:

@@ -23,10 +23,9 @@ from typing import Any
 import dspy
 
 from rosa2_dspy.feedback._common import field_text
-from rosa2_dspy.feedback.sandbox import SANDBOXES, Child, ChildGone, Sandbox, describe_exception
+from rosa2_dspy.feedback.sandbox import Child, ChildGone, Sandbox, describe_exception
 
-__all__ = ["SANDBOXES", "CodeVerifier", "complete_code", "defines", "drop_broken_tail", "split_asserts",
-           "strip_fences"]
+__all__ = ["CodeVerifier", "complete_code", "defines", "drop_broken_tail", "split_asserts", "strip_fences"]
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|$)", re.S)
 _MESSAGE_LIMIT = 300  # characters of a failure message shown in the feedback
