@@ -13,6 +13,9 @@ import dspy
 from rosa2_dspy.stats import bootstrap_ci, solved_by
 
 PHASES = ("generate", "feedback", "words", "weights")
+# Timed apart from PHASES: measurements that are not adaptation (ROSA2's compare_words and
+# measure_theorem41, the weights step's measure_after).
+MEASUREMENTS = ("compare_words", "theorem41", "measure_after")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class TurnRecord:
     delta_norm: float = 0.0
     delta_norm_original_words: float | None = None  # step-norm comparison: ROSA's step under the old words
     theorem41: dict[str, Any] | None = None  # Theorem 4.1's minimal shifts (rosa2_dspy.theorem41.measure)
+    # seconds per phase (PHASES) and, under their own keys, per measurement that is not adaptation (MEASUREMENTS)
     times: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "completion": 0})
 
@@ -158,7 +162,8 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
     * ``correction_uplift``: share of first-turn failures solved later;
     * ``reward_per_turn[k]``: mean reward at turn k+1 (a finished interaction keeps its last reward), the
       partial credit a task gives (e.g. the intent format right but the value wrong);
-    * mean ``‖Δθ‖`` over turns with an applied weights step, and mean seconds per phase per turn;
+    * mean ``‖Δθ‖`` over turns with an applied weights step, mean seconds per phase per turn, and apart
+      from them, per measurement that is not adaptation (``measurement_seconds_per_turn``);
     * ``degenerate_final``: share of interactions whose last answer is :func:`degenerate`;
     * ``parse_rate`` (:func:`parse_rate`) and ``words`` (:func:`words_summary`);
     * ``solved_at``: per task, the turn it was first solved at (None: never), for paired comparisons
@@ -199,6 +204,8 @@ def summarize(trajectories: Sequence[Sequence[TurnRecord]], max_turns: int) -> d
         "solved_at": solved_at,
         "mean_delta_norm": statistics.mean(norms) if norms else 0.0,
         "seconds_per_turn": {p: statistics.mean(r.times[p] for r in turns) if turns else 0.0 for p in PHASES},
+        "measurement_seconds_per_turn": {m: statistics.mean(r.times.get(m, 0.0) for r in turns) if turns else 0.0
+                                         for m in MEASUREMENTS},
         "parse_rate": parse_rate(trajectories),
         "words": words_summary(trajectories),
         "degenerate_final": sum(1 for t in trajectories if t and degenerate_answer(t[-1])) / n if n else 0.0,

@@ -11,7 +11,7 @@
 3. **weights**: every answer of the conversation, and a revealed reference, as responses to prompts
    under the *refined* words (:func:`scored_responses`), then one weights step from the session's
    adapter. Measurements that are not adaptation (the step under the original words, the Theorem 4.1
-   shifts) are timed apart.
+   shifts, the weights step's ``logprob_after`` of responses its KL check did not score) are timed apart.
 
 The functions read the module's settings (``mode``, ``refiner``, ``weights``, ``adapter``, ``program``...)
 and change only the session and the turn's record.
@@ -68,7 +68,10 @@ def adapt_turn(rosa2: ROSA2, session: Session, turn: Turn, reference: dict[str, 
             session.adapter = step.adapter
         record.weights = step.summary()
         record.delta_norm = step.delta_norm if step.applied else 0.0
-        record.times["weights"] = time.perf_counter() - start
+        # logprob_after of the responses the KL check did not score is a measurement, not adaptation.
+        record.times["weights"] = time.perf_counter() - start - step.measure_seconds
+        if step.measure_seconds:
+            record.times["measure_after"] = step.measure_seconds
     session.instructions = refined
 
 

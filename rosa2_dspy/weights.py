@@ -99,6 +99,7 @@ class WeightStep:
     logprob_after: list[float] = field(default_factory=list)
     iterations: int = 0
     seconds: float = 0.0  # wall time of the whole step, its checks and logprob_after included
+    measure_seconds: float = 0.0  # of which the forward that only measures logprob_after (``measure_after``)
     kl: float | None = None  # mean per-token KL(before || after) on the turn's text; None if not checked
     backtracks: int = 0  # how often the step was halved to keep the KL within max_kl
     delta: torch.Tensor | None = field(default=None, repr=False)
@@ -115,7 +116,8 @@ class WeightStep:
             "num_responses": self.num_responses, "advantages": self.advantages,
             "delta_norm": self.delta_norm, "raw_delta_norm": self.raw_delta_norm, "clipped": self.clipped,
             "logprob_before": self.logprob_before, "logprob_after": self.logprob_after,
-            "iterations": self.iterations, "seconds": self.seconds, "kl": self.kl, "backtracks": self.backtracks,
+            "iterations": self.iterations, "seconds": self.seconds, "measure_seconds": self.measure_seconds,
+            "kl": self.kl, "backtracks": self.backtracks,
         }
 
 
@@ -261,7 +263,9 @@ class WeightOptimizer(Teleprompter):
                 policy.set_adapter_vector(record.adapter)
                 self._previous = before
         if self.measure_after and record.applied and not record.logprob_after:  # not measured with the KL
+            measuring = time.perf_counter()
             record.logprob_after, _, _ = self._logprobs(policy, chosen, False, record.adapter)
+            record.measure_seconds = time.perf_counter() - measuring
         record.seconds = time.perf_counter() - start
         if apply and not record.applied:
             logger.info("%s step skipped: %s", self.name, record.reason)
@@ -294,8 +298,10 @@ class WeightOptimizer(Teleprompter):
                     after = {i: self._value(lp) for i, lp in zip(anchors, results)}
                     rest = [i for i in range(len(responses)) if i not in after]
                     if rest:
+                        measuring = time.perf_counter()
                         values, _, _ = self._logprobs(policy, [responses[i] for i in rest], False, before + delta)
                         after.update(zip(rest, values))
+                        record.measure_seconds = time.perf_counter() - measuring
                     record.logprob_after = [after[i] for i in range(len(responses))]
                 return
             if halvings < self.max_backtracks:

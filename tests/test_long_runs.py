@@ -58,7 +58,7 @@ def comparable(results):
     """Trajectories and summaries without wall-clock fields (and floats to 6 digits: batched sums)."""
 
     def clean(value, key=""):
-        if key in ("times", "seconds", "seconds_per_turn"):
+        if key in ("times", "seconds", "measure_seconds", "seconds_per_turn", "measurement_seconds_per_turn"):
             return None
         if isinstance(value, dict):
             return {k: clean(v, k) for k, v in value.items()}

@@ -83,6 +83,9 @@ def test_joint_takes_the_weights_gradient_under_the_refined_words(tiny_lm):
     record = rosa2.adapt("Wrong: I want just the number.", score=0.0, reference={"answer": "5"})
     assert requirements_of(rosa2.session.instructions) == {"predict": [REFINED]}
     assert record.weights["applied"]
+    # logprob_after of the reference (the KL check scored only this turn's answer) is timed apart.
+    assert record.times["measure_after"] == record.weights["measure_seconds"] > 0
+    assert record.times["weights"] + record.times["measure_after"] >= record.weights["seconds"]
 
     # Recompute the step independently: responses formatted with the refined instruction.
     adapter = rosa2.adapter

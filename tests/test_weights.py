@@ -229,8 +229,9 @@ def test_the_kl_check_and_logprob_after_ride_on_the_steps_passes_and_equal_separ
     if measure_after:
         assert step.logprob_after == pytest.approx([lp.total for lp in policy.logprobs(pairs, adapter=after)],
                                                    rel=1e-6)
+        assert 0 < step.measure_seconds < step.seconds  # the extra forward is timed, inside the step's time
     else:
-        assert step.logprob_after == []
+        assert step.logprob_after == [] and step.measure_seconds == 0.0
 
 
 def test_after_backtracking_logprob_after_is_measured_under_the_halved_step(policy):
