@@ -47,7 +47,7 @@ from programs.progress import ConfigMismatchError, ProgressFile, config_hash, pr
 from programs.reporting import write_results
 from programs.tasks import resolve_protocol
 from rosa2_dspy import ROSA2
-from rosa2_dspy.feedback.simulated_user import PROTOCOLS
+from rosa2_dspy.feedback.simulated_user import PROTOCOLS, REVEAL
 from rosa2_dspy.stats import METHOD, bootstrap_ci, mcnemar_exact, paired_difference_ci, with_ci
 
 TASK = "intentgen"
@@ -118,7 +118,7 @@ def run_user(module: ROSA2, user: dict[str, Any]) -> dict[str, Any]:
         "first_value": first["value"], "hint_example": first["example"],
         "conversation": [r.to_dict() for r in conversation],
         "conversation_solved": bool(conversation[-1].solved), "conversation_turns": len(conversation),
-        "taught": {"reference_revealed": any(f"The correct answer is {gold}" in (r.feedback or "")
+        "taught": {"reference_revealed": any(REVEAL.format(gold) in (r.feedback or "")
                                               for r in conversation),
                    "solved_answer": conversation[-1].outputs.get("answer") if conversation[-1].solved else None},
         "instructions_after": instructions_after, "adapter_shift_after": shift_after, "new": new,

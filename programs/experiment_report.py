@@ -1,14 +1,20 @@
 """The experiment's report: its tables (modes, paired comparisons, step counts, Theorem 4.1) on stdout,
-``results/<name>.json`` and the accuracy-over-turns plot beside it (``programs.experiment`` writes them)."""
+``results/<name>.json`` and the accuracy-over-turns plot beside it (``programs.experiment`` writes them).
+
+Re-report a results file with this module's current measures (its runs and machine facts kept):
+``python -m programs.experiment_report results/<name>.json``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
 
 from programs.reporting import format_table, write_results
 from programs.tasks import ORACLE, resolve_protocol
-from rosa2_dspy.feedback.simulated_user import PROTOCOLS
+from rosa2_dspy.feedback.simulated_user import PROTOCOLS, REVEAL
 from rosa2_dspy.stats import METHOD, with_ci
 
 
@@ -70,6 +76,30 @@ def steps_rows(by_steps: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str,
                               for steps, g in groups.items()}} for mode, groups in by_steps.items()]
 
 
+def revealed_in_words(trajectories: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, int]]:
+    """Per mode, over the turns after a one-line reference was revealed (the ``answer`` protocol's
+    :data:`~rosa2_dspy.feedback.simulated_user.REVEAL` sentence ending an earlier turn's feedback): how many
+    ran under instructions that hold a revealed reference verbatim (``holding`` of ``turns``). The words
+    step should state what the user wants, never the answer to one question."""
+    head, tail = REVEAL.split("{}")
+    counts = {}
+    for mode, conversations in trajectories.items():
+        turns = holding = 0
+        for conversation in conversations:
+            revealed: list[str] = []
+            for record in conversation:
+                if revealed:
+                    turns += 1
+                    words = " ".join(str(v) for v in (record.get("instructions") or {}).values())
+                    holding += any(value in words for value in revealed)
+                feedback = (record.get("feedback") or "").rstrip()
+                start = feedback.rfind(head)
+                if start >= 0 and feedback.endswith(tail) and "\n" not in feedback[start:]:
+                    revealed.append(feedback[start + len(head): len(feedback) - len(tail)])
+        counts[mode] = {"holding": holding, "turns": turns}
+    return counts
+
+
 def title_for(results: dict[str, Any]) -> str:
     """The table/plot title: task, actor and the feedback protocol (``answer`` reads "learning a revealed answer")."""
     config = results["config"]
@@ -123,6 +153,8 @@ def report(results: dict[str, Any], name: str, machine: dict[str, Any] | None = 
     rows = table_rows(results["summaries"])
     extra = {k: v for k, v in results.items()}
     extra["title"] = title
+    if results.get("protocol") == "answer" and results.get("trajectories"):
+        extra["revealed_in_words"] = revealed_in_words(results["trajectories"])
     if machine is not None:
         extra["machine"] = machine
     json_path = write_results(name, rows, extra=extra, title=title)
@@ -149,3 +181,19 @@ def report(results: dict[str, Any], name: str, machine: dict[str, Any] | None = 
               f"{step_norms['mean_original']:.4g}; smaller under x* in {100 * step_norms['share_refined_smaller']:.0f}% of steps")
     print(f"wrote {plot}")
     return {"json": json_path, "plot": plot}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Re-report an experiment's results file (tables, derived "
+                                                 "measures, plot); the runs and machine facts are kept.")
+    parser.add_argument("results", type=Path, nargs="+", help="results/<name>.json written by programs.experiment")
+    for path in parser.parse_args(argv).results:
+        results = json.loads(path.read_text())
+        if "summaries" not in results or "trajectories" not in results:
+            raise SystemExit(f"{path} is not an experiment's results file (no summaries or trajectories).")
+        kept = {k: v for k, v in results.items() if k not in ("benchmark", "rows", "machine")}
+        report(kept, path.stem, machine=results.get("machine"))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,8 @@ import pytest
 
 from programs import experiment, experiment_report, reporting
 from rosa2_dspy import MODES
+from rosa2_dspy.feedback.simulated_user import REVEAL
+from rosa2_dspy.records import TurnRecord, summarize
 
 
 def test_every_mode_runs_on_the_same_tasks_and_reports_table_json_and_plot(tiny_model_dir, tmp_path, monkeypatch):
@@ -119,3 +121,32 @@ def test_reward_per_turn_keeps_a_finished_conversations_last_reward():
     assert summary["reward_per_turn"] == pytest.approx([1 / 6, 1 / 3, 0.5, 2 / 3])
     low, high = summary["reward_per_turn_ci"][3]
     assert low <= 2 / 3 <= high
+
+
+def turn(n, feedback, instruction):
+    return {"turn": n, "instructions": {"predict": instruction}, "feedback": feedback}
+
+
+def test_revealed_in_words_counts_turns_after_a_reveal_whose_instructions_hold_it(tmp_path, monkeypatch):
+    reveal = "No, that's not right. " + REVEAL.format("3000 m")
+    leaking = [turn(1, "No, that's not right.", "Answer."),  # nothing revealed yet: not counted
+               turn(2, reveal, "Answer in meters."),  # revealed at the end of this turn's feedback
+               turn(3, reveal, "Answer in meters. The answer is 3000 m."),  # holds it
+               turn(4, "", "Answer in meters.")]
+    clean = [turn(1, reveal, "Answer."), turn(2, "Hint: " + REVEAL.format("larger than 5") + " Wrong.", "Answer in m.")]
+    counts = experiment_report.revealed_in_words({"joint": [leaking, clean], "static": [[turn(1, "", "Answer.")]]})
+    assert counts == {"joint": {"holding": 1, "turns": 3}, "static": {"holding": 0, "turns": 0}}
+
+    # Re-reporting a results file adds the count under `answer` and keeps the runs and the machine.
+    results_dir = tmp_path / "results"
+    monkeypatch.setattr(reporting, "RESULTS_DIR", results_dir)
+    summary = summarize([[TurnRecord(turn=1, mode="joint", instructions={}, outputs={}, reward=0.0, solved=False)]], 1)
+    old = {"benchmark": "old", "machine": {"cpu_count": 99}, "rows": [], "protocol": "answer", "config": {},
+           "summaries": {"joint": summary}, "trajectories": {"joint": [leaking, clean]}}
+    results_dir.mkdir()
+    (results_dir / "old.json").write_text(json.dumps(old))
+    experiment_report.main([str(results_dir / "old.json")])
+    written = json.loads((results_dir / "old.json").read_text())
+    assert written["revealed_in_words"] == {"joint": {"holding": 1, "turns": 3}}
+    assert written["machine"] == {"cpu_count": 99} and written["trajectories"] == old["trajectories"]
+    assert [row["mode"] for row in written["rows"]] == ["joint"]
