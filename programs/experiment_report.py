@@ -80,7 +80,10 @@ def revealed_in_words(trajectories: dict[str, list[list[dict[str, Any]]]]) -> di
     """Per mode, over the turns after a one-line reference was revealed (the ``answer`` protocol's
     :data:`~rosa2_dspy.feedback.simulated_user.REVEAL` sentence ending an earlier turn's feedback): how many
     ran under instructions that hold a revealed reference verbatim (``holding`` of ``turns``). The words
-    step should state what the user wants, never the answer to one question."""
+    step should state what the user wants, never the answer to one question. The reveal is read back from
+    the feedback text (turn records do not keep the reference): a numeric hint that ends the feedback
+    ("The correct answer is larger than 5.", which ``answer`` gives only for a task without a gold
+    answer) would be read as a reveal too."""
     head, tail = REVEAL.split("{}")
     counts = {}
     for mode, conversations in trajectories.items():
