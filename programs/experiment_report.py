@@ -14,7 +14,8 @@ from typing import Any
 
 from programs.reporting import format_table, write_results
 from programs.tasks import ORACLE, resolve_protocol
-from rosa2_dspy.feedback.simulated_user import PROTOCOLS, REVEAL
+from rosa2_dspy.feedback.simulated_user import PROTOCOLS, REVEAL, SOLUTION
+from rosa2_dspy.requirements import echoes
 from rosa2_dspy.stats import METHOD, with_ci
 
 
@@ -77,14 +78,17 @@ def steps_rows(by_steps: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str,
 
 
 def revealed_in_words(trajectories: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, int]]:
-    """Per mode, over the turns after a one-line reference was revealed (the ``answer`` protocol's
-    :data:`~rosa2_dspy.feedback.simulated_user.REVEAL` sentence ending an earlier turn's feedback): how many
-    ran under instructions that hold a revealed reference verbatim (``holding`` of ``turns``). The words
-    step should state what the user wants, never the answer to one question. The reveal is read back from
-    the feedback text (turn records do not keep the reference): a numeric hint that ends the feedback
-    ("The correct answer is larger than 5.", which ``answer`` gives only for a task without a gold
-    answer) would be read as a reveal too."""
+    """Per mode, over the turns after a reference was revealed (the ``answer`` protocol's
+    :data:`~rosa2_dspy.feedback.simulated_user.REVEAL` sentence ending an earlier turn's feedback, or its
+    :data:`~rosa2_dspy.feedback.simulated_user.SOLUTION`): how many ran under instructions that hold a
+    revealed reference (a one-line answer verbatim, or a stretch of a solution that the words step's
+    filter refuses, :func:`rosa2_dspy.requirements.echoes`): ``holding`` of ``turns``. The words step
+    should state what the user wants, never the answer to one question. The reveal is read back from the
+    feedback text (turn records do not keep the reference): a numeric hint that ends the feedback ("The
+    correct answer is larger than 5.", which ``answer`` gives only for a task without a gold answer)
+    would be read as a reveal too."""
     head, tail = REVEAL.split("{}")
+    solution = SOLUTION.split("{}")[0]
     counts = {}
     for mode, conversations in trajectories.items():
         turns = holding = 0
@@ -94,10 +98,12 @@ def revealed_in_words(trajectories: dict[str, list[list[dict[str, Any]]]]) -> di
                 if revealed:
                     turns += 1
                     words = " ".join(str(v) for v in (record.get("instructions") or {}).values())
-                    holding += any(value in words for value in revealed)
+                    holding += any(value in words for value in revealed) or echoes(words, revealed)
                 feedback = (record.get("feedback") or "").rstrip()
                 start = feedback.rfind(head)
-                if start >= 0 and feedback.endswith(tail) and "\n" not in feedback[start:]:
+                if solution in feedback:
+                    revealed.append(feedback[feedback.index(solution) + len(solution):])
+                elif start >= 0 and feedback.endswith(tail) and "\n" not in feedback[start:]:
                     revealed.append(feedback[start + len(head): len(feedback) - len(tail)])
         counts[mode] = {"holding": holding, "turns": turns}
     return counts

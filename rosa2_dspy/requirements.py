@@ -43,6 +43,7 @@ ONLY_COMPLAINT = re.compile(
 _CALLS_WRONG = re.compile(r"\b(?:is|was|are|were)\s+(?:wrong|incorrect|not (?:right|correct|what i meant))\b",
                         re.IGNORECASE)
 _FIELD_MARKER = re.compile(r"\[+\s*#|#+\s*\]+")
+_REVEALED = "\x00"  # stands in for a revealed reference in clean_feedback
 # Words that say nothing about *which* requirement it is: two requirements sharing only these are unrelated.
 _GENERIC = frozenset("""a an the and or of to in on at as by for with without from into after before every each all
 any only just one your you it its is are be that this than then so do not no never always please make sure
@@ -133,8 +134,10 @@ def _canonical(number: str) -> str:
     return number.replace(",", "")
 
 
-def rejection_reason(requirement: str, forbidden: set[str], answers: Sequence[str] = ()) -> str:
-    """Why ``requirement`` may not go into the words ("" if it may)."""
+def rejection_reason(requirement: str, forbidden: set[str], answers: Sequence[str] = (),
+                     reference: Sequence[str] = ()) -> str:
+    """Why ``requirement`` may not go into the words ("" if it may). ``reference``: a revealed answer's
+    values; a requirement that copies a stretch of one (a line of a revealed solution) is refused."""
     text = requirement.strip()
     if len(re.findall(r"[A-Za-z]{2,}", text)) < 3:
         return "not a requirement (too few words)"
@@ -148,6 +151,8 @@ def rejection_reason(requirement: str, forbidden: set[str], answers: Sequence[st
         return "a complaint, not a requirement"
     if any(_canonical(n) in forbidden for n in _NUMBER.findall(text)):
         return "copies a number of a specific question or answer"
+    if echoes(text, reference):
+        return "copies the revealed answer"
     if echoes(text, answers):
         return "echoes the model's answer"
     return ""
@@ -168,15 +173,18 @@ def sentences(text: str) -> list[str]:
 
 def clean_feedback(feedback: str, answers: Sequence[str] = (), reference: Iterable[str] = ()) -> str:
     """The user's message without what is no requirement: quotes of the model's own answers (``"..."``
-    spans whose text starts one of ``answers``) and sentences that state a revealed ``reference``."""
+    spans whose text starts one of ``answers``) and the sentences that state a revealed ``reference``
+    (a one-line answer, or a whole multi-line solution, which is taken out before the message is split
+    into sentences, so that none of its lines survives as a sentence of its own)."""
     flat_answers = [" ".join(str(a).split()) for a in answers if str(a).strip()]
 
     def unquote(match: re.Match[str]) -> str:
         quoted = " ".join(match.group(1).split()).removesuffix("...").strip()
         return "" if quoted and any(a.startswith(quoted) or quoted in a for a in flat_answers) else match.group(0)
 
-    text = re.sub(r"\"([^\"]*)\"\s?", unquote, feedback)
-    values = [" ".join(str(v).split()) for v in reference if str(v).strip()]
-    kept = [s for s in sentences(text) if not any(v and v in " ".join(s.split()) for v in values)
+    text = " ".join(re.sub(r"\"([^\"]*)\"\s?", unquote, feedback).split())
+    for value in {" ".join(str(v).split()) for v in reference} - {""}:
+        text = text.replace(value, _REVEALED)
+    kept = [s for s in sentences(text) if _REVEALED not in s
             and not _STATES_ANSWER.search(s) and not s.lower().startswith("here is a correct solution")]
     return " ".join(kept).strip()

@@ -153,7 +153,7 @@ class InstructionRefiner(dspy.Module):
             logger.warning("Refiner failed (%s: %s).", type(err).__name__, err)
             return self._fall_back(instruction, said, history, f"refiner error: {type(err).__name__}: {err}",
                                    answers, forbidden)
-        reasons = [requirements.rejection_reason(r, forbidden, answers) for r in proposed]
+        reasons = [requirements.rejection_reason(r, forbidden, answers, reference) for r in proposed]
         rejected = [[r, why] for r, why in zip(proposed, reasons) if why]
         usable = [r for r, why in zip(proposed, reasons) if not why]
         if usable:  # merged; if all of it was already stated, the LM's output is used and changes nothing

@@ -11,7 +11,7 @@ import pytest
 
 from programs import experiment, experiment_report, reporting
 from rosa2_dspy import MODES
-from rosa2_dspy.feedback.simulated_user import REVEAL
+from rosa2_dspy.feedback.simulated_user import REVEAL, SOLUTION
 from rosa2_dspy.records import TurnRecord, summarize
 
 
@@ -136,6 +136,13 @@ def test_revealed_in_words_counts_turns_after_a_reveal_whose_instructions_hold_i
     clean = [turn(1, reveal, "Answer."), turn(2, "Hint: " + REVEAL.format("larger than 5") + " Wrong.", "Answer in m.")]
     counts = experiment_report.revealed_in_words({"joint": [leaking, clean], "static": [[turn(1, "", "Answer.")]]})
     assert counts == {"joint": {"holding": 1, "turns": 3}, "static": {"holding": 0, "turns": 0}}
+    # a revealed solution (HumanEval): a turn holds it when its words copy a stretch of it
+    solution = "def unique(xs):\n    return sorted(set(xs), key=lambda x: (abs(x), x))  # by size, then sign\n"
+    shown = "0 of 2 tests passed. " + SOLUTION.format(solution)
+    code = [turn(1, shown, "Write the function."),
+            turn(2, shown, "Write the function.\n\nRequirements:\n- Write: return sorted(set(xs), key=lambda x: (abs(x), x))."),
+            turn(3, "", "Write the function.\n\nRequirements:\n- Reply with the whole function.")]
+    assert experiment_report.revealed_in_words({"prompt-only": [code]}) == {"prompt-only": {"holding": 1, "turns": 2}}
 
     # Re-reporting a results file adds the count under `answer` and keeps the runs and the machine.
     results_dir = tmp_path / "results"

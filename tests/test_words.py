@@ -10,6 +10,7 @@ from dspy.utils.dummies import DummyLM
 
 from conftest import requirement_refiner, requirements_of
 from rosa2_dspy import ROSA2
+from rosa2_dspy.feedback.simulated_user import SOLUTION
 from rosa2_dspy.requirements import clean_feedback, forbidden_numbers, join, merge, rejection_reason, split
 from rosa2_dspy.words import InstructionRefiner, shipped_demos
 
@@ -55,6 +56,20 @@ def test_clean_feedback_drops_quotes_of_the_answer_and_the_revealed_answer():
                 "What I meant: as a percentage, with the % sign. The correct answer is 25%.")
     cleaned = clean_feedback(feedback, [answer], ["25%"])
     assert cleaned == "No, that's not right. Your answer is not what I meant. What I meant: as a percentage, with the % sign."
+
+
+def test_a_revealed_solution_reaches_the_words_in_no_part():
+    # HumanEval under `answer` shows a whole solution; split into sentences at its periods, parts of it
+    # used to survive the cleaning (in 4 of 5 reveals of results/humaneval_answer_embedded_cpu.json)
+    solution = '    """ Return the decimal part.\n    >>> truncate_number(3.5)\n    0.5\n    """\n    return number % 1.0\n'
+    feedback = ("No, that's not right. 0 of 3 tests passed. The first failure: `assert truncate_number(3.5) == 0.5`. "
+                + SOLUTION.format(solution))
+    cleaned = clean_feedback(feedback, [], [solution])
+    assert cleaned == "No, that's not right. 0 of 3 tests passed. The first failure: `assert truncate_number(3.5) == 0.5`."
+    # a requirement that copies a line of it is refused (the embedded refiner wrote one in the same run)
+    counting = "    vowels = 'aeiouAEIOU'\n    n_vowels = sum(c in vowels for c in s)\n    return n_vowels\n"
+    assert rejection_reason("n_vowels = sum(c in vowels for c in s)", set(), [], [counting]) == "copies the revealed answer"
+    assert rejection_reason("Reply with the whole function definition.", set(), [], [counting]) == ""
 
 
 def test_the_refiner_merges_usable_requirements_and_rejects_the_answer():

@@ -28,8 +28,10 @@ from rosa2_dspy.feedback.math import extract_answer, to_number
 
 Reveal = Literal["none", "hint", "answer"]
 REVEALS = ("none", "hint", "answer")
-# How the ``answer`` protocol reveals a one-line reference (the last sentence of its feedback).
+# How the ``answer`` protocol reveals a one-line reference (the last sentence of its feedback) and a
+# multi-line one (a solution: the rest of its feedback).
 REVEAL = "The correct answer is {}."
+SOLUTION = "Here is a correct solution:\n{}"
 
 Protocol = Literal["none", "hint", "answer"]
 PROTOCOLS: dict[str, str] = {
@@ -136,7 +138,7 @@ class SimulatedUser:
         reference = verdict.reference
         if level == "answer" and gold is not None:
             multiline = "\n" in gold
-            parts.append(f"Here is a correct solution:\n{gold}" if multiline else REVEAL.format(gold))
+            parts.append((SOLUTION if multiline else REVEAL).format(gold))
             reference = self.reference_for(example)
         text = " ".join(p.strip() for p in parts if p and p.strip())
         return dspy.Prediction(score=verdict.score, solved=False, feedback=text, reference=reference)
