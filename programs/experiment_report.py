@@ -1,13 +1,12 @@
 """The experiment's report: its tables (modes, paired comparisons, step counts, Theorem 4.1) on stdout,
 ``results/<name>.json`` and the accuracy-over-turns plot beside it (``programs.experiment`` writes them).
 
-Re-report a results file with this module's current measures (its runs and machine facts kept):
-``python -m programs.experiment_report results/<name>.json``.
+``python -m programs.experiment --reanalyse results/<name>.json`` re-reports a results file from its turn
+records with the current measures (its runs and machine facts kept).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -190,19 +189,3 @@ def report(results: dict[str, Any], name: str, machine: dict[str, Any] | None = 
               f"{step_norms['mean_original']:.4g}; smaller under x* in {100 * step_norms['share_refined_smaller']:.0f}% of steps")
     print(f"wrote {plot}")
     return {"json": json_path, "plot": plot}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Re-report an experiment's results file (tables, derived "
-                                                 "measures, plot); the runs and machine facts are kept.")
-    parser.add_argument("results", type=Path, nargs="+", help="results/<name>.json written by programs.experiment")
-    for path in parser.parse_args(argv).results:
-        results = json.loads(path.read_text())
-        if "summaries" not in results or "trajectories" not in results:
-            raise SystemExit(f"{path} is not an experiment's results file (no summaries or trajectories).")
-        kept = {k: v for k, v in results.items() if k not in ("benchmark", "rows", "machine")}
-        report(kept, path.stem, machine=results.get("machine"))
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -115,8 +116,10 @@ def words_summary(trajectories: Sequence[Sequence[TurnRecord]]) -> dict[str, Any
     refiner output was used (``used``: source ``lm``, merged into the instruction; ``changed``: of all steps,
     those whose instruction changed at all, from any source), that fell back to appending the feedback
     (``appended``) or kept the instruction (``kept``), the reasons the refiner's output was not
-    used (counts), requirements rejected by reason, and the instruction's length (characters, all
-    predictors) at the start of each turn, averaged over interactions that reached that turn."""
+    used (counts), requirements rejected by reason, how many requirements were added and the five added
+    most often (``most_added``: ``[requirement, count]``; one requirement written into many conversations'
+    instructions is the refiner repeating itself or its demos), and the instruction's length (characters,
+    all predictors) at the start of each turn, averaged over interactions that reached that turn."""
     steps = [w for t in trajectories for r in t for w in r.words.values()]
     n = len(steps)
     reasons: dict[str, int] = {}
@@ -127,6 +130,7 @@ def words_summary(trajectories: Sequence[Sequence[TurnRecord]]) -> dict[str, Any
             reasons[key] = reasons.get(key, 0) + 1
         for _, why in w.get("rejected") or []:
             rejected[why] = rejected.get(why, 0) + 1
+    added = Counter(" ".join(str(a).split()) for w in steps for a in w.get("added") or [])
     lengths: dict[int, list[int]] = {}
     for t in trajectories:
         for r in t:
@@ -139,6 +143,8 @@ def words_summary(trajectories: Sequence[Sequence[TurnRecord]]) -> dict[str, Any
         "kept": sum(w.get("source") == "kept" for w in steps) / n if n else None,
         "not_used_reasons": reasons,
         "rejected_requirements": rejected,
+        "added_requirements": sum(added.values()),
+        "most_added": [[text, count] for text, count in added.most_common(5)],
         "instruction_chars_per_turn": [statistics.mean(lengths[k]) for k in sorted(lengths)],
     }
 

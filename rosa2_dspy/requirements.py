@@ -44,6 +44,9 @@ _CALLS_WRONG = re.compile(r"\b(?:is|was|are|were)\s+(?:wrong|incorrect|not (?:ri
                         re.IGNORECASE)
 _FIELD_MARKER = re.compile(r"\[+\s*#|#+\s*\]+")
 _REVEALED = "\x00"  # stands in for a revealed reference in clean_feedback
+# Words that say nothing about what a user asked for (carried_over): function words and feedback's stock words.
+_FUNCTION = frozenset("""a an the and or of to in on at as by for with without from into it its is are be that
+this not no your you i me my please write give use put make answer answers reply question""".split())
 # Words that say nothing about *which* requirement it is: two requirements sharing only these are unrelated.
 _GENERIC = frozenset("""a an the and or of to in on at as by for with without from into after before every each all
 any only just one your you it its is are be that this than then so do not no never always please make sure
@@ -84,6 +87,20 @@ def join(base: str, requirements: Sequence[str]) -> str:
 
 def _topic(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z%°]+", text.lower()) if w not in _GENERIC and len(w) > 1 or w in "%°"}
+
+
+def carried_over(requirement: str, source: str, texts: Iterable[str]) -> bool:
+    """Whether ``requirement``, written from ``source`` (it shares content words with it), shares none of
+    those words with any of ``texts``: it carries a topic of ``source`` that ``texts`` never raised. Words
+    are compared by their first five letters ("distances" meets "distance"); function words and the words
+    any feedback uses ("answer", "write", "please") do not count. A requirement that shares nothing with
+    ``source`` is generic, never carried over."""
+    taken = _content_stems(requirement) & _content_stems(source)
+    return bool(taken) and not any(taken & _content_stems(text) for text in texts)
+
+
+def _content_stems(text: str) -> set[str]:
+    return {w[:5] for w in re.findall(r"[a-z%°]+", text.lower()) if w not in _FUNCTION and (len(w) > 1 or w in "%°")}
 
 
 def _words(text: str) -> set[str]:

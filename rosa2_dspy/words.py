@@ -8,9 +8,10 @@ local, in one of two styles:
   requirements the instruction misses as a ``list[str]``, and :mod:`rosa2_dspy.requirements` merges them
   into the instruction's ``Requirements:`` block (new ones added, ones on the same topic replaced,
   duplicates dropped), so the instruction stays short and current. The refiner sees the feedback without
-  quotes of the model's answers and without a revealed answer, and a requirement that states an answer or
-  copies a question's number is refused: the words carry the user's intent, never one question's answer
-  (a revealed answer goes to the weights step as a reference for its own question). The predictor comes
+  quotes of the model's answers and without a revealed answer, and a requirement that states an answer,
+  copies a question's number or a revealed solution, or copies a demo's requirement on a topic this user
+  never raised is refused: the words carry the user's intent, never one question's answer (a revealed
+  answer goes to the weights step as a reference for its own question). The predictor comes
   with hand-written demos (``rosa2_dspy/data/refiner_demos.json``, attached with DSPy's ``LabeledFewShot``);
   each call shows the ``num_demos`` most similar to the feedback, most similar last, which is what lets a
   135M refiner write usable requirements.
@@ -153,7 +154,8 @@ class InstructionRefiner(dspy.Module):
             logger.warning("Refiner failed (%s: %s).", type(err).__name__, err)
             return self._fall_back(instruction, said, history, f"refiner error: {type(err).__name__}: {err}",
                                    answers, forbidden)
-        reasons = [requirements.rejection_reason(r, forbidden, answers, reference) for r in proposed]
+        reasons = [requirements.rejection_reason(r, forbidden, answers, reference) or self._copied_demo(r, [said, *earlier])
+                   for r in proposed]
         rejected = [[r, why] for r, why in zip(proposed, reasons) if why]
         usable = [r for r, why in zip(proposed, reasons) if not why]
         if usable:  # merged; if all of it was already stated, the LM's output is used and changes nothing
@@ -170,6 +172,22 @@ class InstructionRefiner(dspy.Module):
         if adapter is not None:
             settings["adapter"] = adapter
         return dspy.context(**settings)
+
+    def _copied_demo(self, requirement: str, feedback: Sequence[str]) -> str:
+        """Why ``requirement`` is a demo's, not this user's ("" if it is not): a demo's requirement copied
+        word for word that the demo took from its own feedback while this user's feedback shares none of
+        the words the two share (:func:`~rosa2_dspy.requirements.carried_over`). Generic demo requirements
+        ("Check the calculation step by step before answering." for a bare "No, that's not right.") stay
+        allowed. The embedded refiner wrote the casing
+        demo's "Write the whole answer in capital letters." into code instructions 17-18 times per
+        words-moving mode over the 64 conversations of the HumanEval run under `none` (``most_added`` in
+        results/humaneval_embedded_cpu.json), where no feedback mentioned letters."""
+        text = " ".join(requirement.split()).lower()
+        for demo in self.predict.demos:
+            copied = any(text == " ".join(str(r).split()).lower() for r in demo.get("requirements") or [])
+            if copied and requirements.carried_over(requirement, demo.get("feedback", ""), feedback):
+                return "copies a demo's requirement the user never asked for"
+        return ""
 
     def _nearest_demos(self, feedback: str) -> list[Any]:
         """The ``num_demos`` demos whose feedback shares the most words with ``feedback``, most similar last

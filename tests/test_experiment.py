@@ -12,7 +12,7 @@ import pytest
 from programs import experiment, experiment_report, reporting
 from rosa2_dspy import MODES
 from rosa2_dspy.feedback.simulated_user import REVEAL, SOLUTION
-from rosa2_dspy.records import TurnRecord, summarize
+from rosa2_dspy.records import TurnRecord
 
 
 def test_every_mode_runs_on_the_same_tasks_and_reports_table_json_and_plot(tiny_model_dir, tmp_path, monkeypatch):
@@ -144,16 +144,16 @@ def test_revealed_in_words_counts_turns_after_a_reveal_whose_instructions_hold_i
             turn(3, "", "Write the function.\n\nRequirements:\n- Reply with the whole function.")]
     assert experiment_report.revealed_in_words({"prompt-only": [code]}) == {"prompt-only": {"holding": 1, "turns": 2}}
 
-    # Re-reporting a results file adds the count under `answer` and keeps the runs and the machine.
+    # Re-analysing a results file written before the count adds it under `answer` and keeps the machine.
     results_dir = tmp_path / "results"
     monkeypatch.setattr(reporting, "RESULTS_DIR", results_dir)
-    summary = summarize([[TurnRecord(turn=1, mode="joint", instructions={}, outputs={}, reward=0.0, solved=False)]], 1)
-    old = {"benchmark": "old", "machine": {"cpu_count": 99}, "rows": [], "protocol": "answer", "config": {},
-           "summaries": {"joint": summary}, "trajectories": {"joint": [leaking, clean]}}
+    records = [[TurnRecord(mode="joint", outputs={"answer": "x"}, reward=0.0, solved=False, **t).to_dict() for t in c]
+               for c in (leaking, clean)]
+    old = {"benchmark": "old", "machine": {"cpu_count": 99}, "rows": [],
+           "config": {"task": "intent", "max_turns": 4, "protocol": "answer"}, "trajectories": {"joint": records}}
     results_dir.mkdir()
     (results_dir / "old.json").write_text(json.dumps(old))
-    experiment_report.main([str(results_dir / "old.json")])
-    written = json.loads((results_dir / "old.json").read_text())
+    written = json.loads(experiment.reanalyse(results_dir / "old.json")["json"].read_text())
     assert written["revealed_in_words"] == {"joint": {"holding": 1, "turns": 3}}
     assert written["machine"] == {"cpu_count": 99} and written["trajectories"] == old["trajectories"]
     assert [row["mode"] for row in written["rows"]] == ["joint"]

@@ -85,6 +85,20 @@ def test_the_refiner_merges_usable_requirements_and_rejects_the_answer():
     assert "(94)" not in shown and "Put it in parentheses" in shown
 
 
+def test_a_demo_requirement_on_a_topic_the_user_never_raised_is_refused():
+    casing = "Write the whole answer in capital letters."  # the casing demo's requirement
+    generic = "Check the calculation step by step before answering."  # the bare "wrong" demo's: allowed anywhere
+    refiner = InstructionRefiner(lm=requirement_refiner(casing, generic))
+    out = refiner(instruction="Write the function.",
+                  feedback="0 of 3 tests passed. The first failure: `assert f(3.5) == 0.5` raised AssertionError.")
+    assert out.rejected == [[casing, "copies a demo's requirement the user never asked for"]]
+    assert out.added == [generic]
+    # the same requirement when this user did ask for it
+    asked = InstructionRefiner(lm=requirement_refiner(casing))(instruction="Answer.",
+                                                               feedback="Please use capital letters.")
+    assert asked.added == [casing] and not asked.rejected
+
+
 def test_the_append_fallback_merges_the_cleaned_feedback_without_the_answer():
     failing = DummyLM([{"requirements": "not a list ["}] * 4)  # no usable requirement in it
     refiner = InstructionRefiner(lm=failing, fallback="append")
@@ -151,9 +165,10 @@ def test_a_requirement_already_stated_is_used_without_changing_the_instruction_a
     kept = InstructionRefiner(lm=DummyLM([{"requirements": "[unparsable"}] * 2))(instruction=BASE, feedback="Meters.")
     records = [TurnRecord(turn=k + 1, mode="prompt-only", instructions={"p": text}, outputs={"answer": "x"},
                           words={"p": {"source": out.source, "accepted": out.accepted, "reason": out.reason,
-                                        "rejected": out.rejected}})
+                                        "rejected": out.rejected, "added": out.get("added")}})
                for k, (text, out) in enumerate([(BASE, first), (first.refined_instruction, again), (BASE, kept)])]
     summary = words_summary([records])
     assert summary["steps"] == 3 and summary["used"] == 2 / 3 and summary["changed"] == 1 / 3
     assert summary["kept"] == 1 / 3 and summary["not_used_reasons"] == {"not a requirement (too few words)": 1}
     assert summary["instruction_chars_per_turn"] == [len(BASE), len(first.refined_instruction), len(BASE)]
+    assert summary["added_requirements"] == 1 and summary["most_added"] == [["Put the final answer in parentheses.", 1]]
