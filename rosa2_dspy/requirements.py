@@ -85,8 +85,8 @@ def join(base: str, requirements: Sequence[str]) -> str:
     return base.rstrip() + f"\n\n{HEADER}\n" + "\n".join(f"- {r}" for r in requirements)
 
 
-def _topic(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z%°]+", text.lower()) if w not in _GENERIC and len(w) > 1 or w in "%°"}
+def _topic(text: str, ignore: frozenset[str] = _GENERIC) -> set[str]:
+    return {w for w in re.findall(r"[a-z%°]+", text.lower()) if w not in ignore and len(w) > 1 or w in "%°"}
 
 
 def carried_over(requirement: str, source: str, texts: Iterable[str]) -> bool:
@@ -100,7 +100,7 @@ def carried_over(requirement: str, source: str, texts: Iterable[str]) -> bool:
 
 
 def _content_stems(text: str) -> set[str]:
-    return {w[:5] for w in re.findall(r"[a-z%°]+", text.lower()) if w not in _FUNCTION and (len(w) > 1 or w in "%°")}
+    return {w[:5] for w in _topic(text, ignore=_FUNCTION)}
 
 
 def _words(text: str) -> set[str]:

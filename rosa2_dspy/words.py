@@ -154,8 +154,8 @@ class InstructionRefiner(dspy.Module):
             logger.warning("Refiner failed (%s: %s).", type(err).__name__, err)
             return self._fall_back(instruction, said, history, f"refiner error: {type(err).__name__}: {err}",
                                    answers, forbidden)
-        reasons = [requirements.rejection_reason(r, forbidden, answers, reference) or self._copied_demo(r, [said, *earlier])
-                   for r in proposed]
+        reasons = [requirements.rejection_reason(r, forbidden, answers, reference)
+                   or self._copied_demo(r, [said, *earlier]) for r in proposed]
         rejected = [[r, why] for r, why in zip(proposed, reasons) if why]
         usable = [r for r, why in zip(proposed, reasons) if not why]
         if usable:  # merged; if all of it was already stated, the LM's output is used and changes nothing
@@ -178,10 +178,10 @@ class InstructionRefiner(dspy.Module):
         word for word that the demo took from its own feedback while this user's feedback shares none of
         the words the two share (:func:`~rosa2_dspy.requirements.carried_over`). Generic demo requirements
         ("Check the calculation step by step before answering." for a bare "No, that's not right.") stay
-        allowed. The embedded refiner wrote the casing
-        demo's "Write the whole answer in capital letters." into code instructions 17-18 times per
-        words-moving mode over the 64 conversations of the HumanEval run under `none` (``most_added`` in
-        results/humaneval_embedded_cpu.json), where no feedback mentioned letters."""
+        allowed. The embedded refiner wrote the casing demo's "Write the whole answer in capital letters."
+        into code instructions 17-18 times per words-moving mode over the 64 conversations of the
+        HumanEval run under `none` (``most_added`` in results/humaneval_embedded_cpu.json), where no
+        feedback mentioned letters."""
         text = " ".join(requirement.split()).lower()
         for demo in self.predict.demos:
             copied = any(text == " ".join(str(r).split()).lower() for r in demo.get("requirements") or [])

@@ -60,7 +60,7 @@ def test_clean_feedback_drops_quotes_of_the_answer_and_the_revealed_answer():
 
 def test_a_revealed_solution_reaches_the_words_in_no_part():
     # HumanEval under `answer` shows a whole solution; split into sentences at its periods, parts of it
-    # used to survive the cleaning (in 4 of 5 reveals of results/humaneval_answer_embedded_cpu.json)
+    # used to survive the cleaning (seen in the records of results/humaneval_answer_embedded_cpu.json)
     solution = '    """ Return the decimal part.\n    >>> truncate_number(3.5)\n    0.5\n    """\n    return number % 1.0\n'
     feedback = ("No, that's not right. 0 of 3 tests passed. The first failure: `assert truncate_number(3.5) == 0.5`. "
                 + SOLUTION.format(solution))
