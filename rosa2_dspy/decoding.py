@@ -54,9 +54,11 @@ class GenerationRow:
     temperature: float | None = 0.0
     top_p: float | None = None
     seed: int | None = None
-    # How many leading prompt tokens form a reusable prefix (e.g. the system message, which every call of a
-    # DSPy predictor repeats): its KV cache is kept (PrefixCache) and reused under the same adapter. 0: none.
-    prefix: int = 0
+    # Ends of the prompt's reusable prefixes, increasing: the system message (which every call of a DSPy
+    # predictor repeats) and the messages before the last (a predictor's demos). Their KV caches are kept
+    # (PrefixCache) and reused under the same adapter; the prompt is always prefilled in the chunks these
+    # cuts make, cached or not, so an answer never depends on what was cached. (): one chunk, no cache.
+    prefixes: tuple[int, ...] = ()
     # Streaming rows only: called on the batcher's thread with (index, token id) as each token is chosen.
     # Keep it cheap (e.g. a queue's put): the whole batch waits for it.
     on_token: Callable[[int, int], None] | None = field(default=None, repr=False)
@@ -130,19 +132,23 @@ MIN_PREFIX = 16  # shorter prefixes are not worth a cache entry
 
 
 class PrefixCache:
-    """The KV caches of prompt prefixes (a system message) per adapter, least recently used evicted first.
+    """The KV caches of prompt prefixes per adapter, least recently used evicted first.
 
-    A row with ``prefix > 0`` is always prefilled in two parts: the prefix alone (or its cached KV, keyed
-    by the adapter's values and the prefix's tokens), then the rest on top. So a row's answer does not
-    depend on whether its prefix was cached, nor on which requests came before it. ``max_tokens`` bounds the
-    memory (the embedded 135M model: ~46 KB per token in float32); 0 turns caching off.
+    A row with ``prefixes`` (the end of its system message; the end of the messages before its last, which
+    for a DSPy predictor with demos is the demo block) is always prefilled in the chunks they cut: each
+    prefix on top of the one before (or its cached KV, keyed by the adapter's values and the prefix's
+    tokens), then the rest. The longest cached prefix is used, so calls that share a system message and
+    demos (the words step's refiner, under the base weights for every conversation) prefill only their
+    last message. A row's answer does not depend on what was cached, nor on which requests came before
+    it. ``max_tokens`` bounds the memory (the embedded 135M model: ~46 KB per token in float32, so the
+    default 8192 is ~0.4 GB); 0 turns caching off.
 
     Example:
         >>> policy.prefix_cache = PrefixCache(max_tokens=4096)   # doctest: +SKIP
         >>> policy.prefix_cache.hits, policy.prefix_cache.misses  # doctest: +SKIP
     """
 
-    def __init__(self, max_tokens: int = 2048) -> None:
+    def __init__(self, max_tokens: int = 8192) -> None:
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0 (0 turns the prefix cache off).")
         self.max_tokens = max_tokens
@@ -242,7 +248,7 @@ class DecodeBatch:
         vectors = stack_adapters([r.adapter for r in rows], self.device)
         if self.size and not self.mergeable:
             raise RuntimeError("This model's KV cache cannot take rows into a running batch.")
-        prefixed = [i for i, r in enumerate(rows) if self._prefix_of(r)]  # each alone, through the prefix cache
+        prefixed = [i for i, r in enumerate(rows) if self._cuts(r)]  # each alone, through the prefix cache
         rest = [i for i in range(len(rows)) if i not in prefixed]
         grouped = [[rest[j] for j in g] for g in prefill_groups([len(rows[i].prompt) for i in rest])] \
             if self.mergeable else [rest] if rest else []
@@ -284,33 +290,38 @@ class DecodeBatch:
                             logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
         return cache, mask, positions[:, -1:] + 1, logits
 
-    def _prefix_of(self, row: GenerationRow) -> int:
-        """How many of ``row``'s prompt tokens go through the prefix cache (0: none)."""
+    def _cuts(self, row: GenerationRow) -> list[int]:
+        """Where ``row``'s prompt is cut into cached prefixes (none: prefilled in one chunk)."""
         cache = self.policy.prefix_cache
-        usable = (self.mergeable and cache is not None and cache.max_tokens > 0
-                  and MIN_PREFIX <= row.prefix < len(row.prompt))
-        return row.prefix if usable else 0
+        if not (self.mergeable and cache is not None and cache.max_tokens > 0):
+            return []
+        return sorted({cut for cut in row.prefixes if MIN_PREFIX <= cut < len(row.prompt)})
 
     def _prefill_with_prefix(self, row: GenerationRow, vector: torch.Tensor):
-        """One row: its prefix's KV (cached, or prefilled alone and cached), then the rest of its prompt."""
+        """One row: the KV of its longest cached prefix, each longer prefix prefilled on top (and cached),
+        then the rest of its prompt."""
         from transformers import DynamicCache
 
-        cut, store = row.prefix, self.policy.prefix_cache
+        cuts, store = self._cuts(row), self.policy.prefix_cache
         self.policy.multi_lora.replace(vector)
-        key = store.key(row.prompt[:cut], vector[0])
-        layers = store.get(key)
-        if layers is None:
-            cache = self._new_cache()
-            self.model(input_ids=torch.tensor([row.prompt[:cut]], device=self.device), use_cache=True,
-                       logits_to_keep=1, **{self._cache_kw: cache})
-            layers = [(layer.keys, layer.values) for layer in cache.layers]
-            store.put(key, layers)
-        cache = DynamicCache(ddp_cache_data=layers)  # a copy: the cached tensors are never written to
-        mask = torch.ones((1, len(row.prompt)), dtype=torch.long, device=self.device)
-        positions = torch.arange(cut, len(row.prompt), device=self.device)[None]
-        logits = self.model(input_ids=torch.tensor([row.prompt[cut:]], device=self.device), attention_mask=mask,
-                            position_ids=positions, use_cache=True, logits_to_keep=1,
-                            **{self._cache_kw: cache}).logits[:, -1]
+        done, layers = 0, None
+        for cut in reversed(cuts):
+            layers = store.get(store.key(row.prompt[:cut], vector[0]))
+            if layers is not None:
+                done = cut
+                break
+        # A copy of the cached layer list: the cached tensors themselves are never written to (a cache
+        # layer's update concatenates into new tensors).
+        cache = DynamicCache(ddp_cache_data=layers) if layers is not None else self._new_cache()
+        for end in [*(cut for cut in cuts if cut > done), len(row.prompt)]:
+            mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+            positions = torch.arange(done, end, device=self.device)[None]
+            logits = self.model(input_ids=torch.tensor([row.prompt[done:end]], device=self.device),
+                                attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                                **{self._cache_kw: cache}).logits[:, -1]
+            if end < len(row.prompt):
+                store.put(store.key(row.prompt[:end], vector[0]), [(layer.keys, layer.values) for layer in cache.layers])
+            done = end
         return cache, mask, positions[:, -1:] + 1, logits
 
     def _merge(self, cache, mask: torch.Tensor, next_position: torch.Tensor, logits: torch.Tensor) -> None:

@@ -70,9 +70,9 @@ class Inference:
         answers under that adapter instead of the policy's own. Concurrent calls from other threads are
         batched together by :attr:`batcher`, each row under its own adapter.
         """
-        prompt, prefix = self._prompt(messages)
+        prompt, prefixes = self._prompt(messages)
         row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed,
-                            prefix=prefix)
+                            prefixes=prefixes)
         out = self.batcher.generate([row])[0]
         return self._result(out, stop, len(prompt))
 
@@ -96,10 +96,10 @@ class Inference:
         inside a multi-byte character. Text that could be the start of a ``stop`` string is held back until
         it is known not to be one.
         """
-        prompt, prefix = self._prompt(messages)
+        prompt, prefixes = self._prompt(messages)
         tokens: queue.SimpleQueue = queue.SimpleQueue()
         row = GenerationRow(prompt, self._adapter_or_own(adapter), max_new_tokens, temperature, top_p, seed,
-                            prefix=prefix, on_token=lambda index, token: tokens.put((index, token)))
+                            prefixes=prefixes, on_token=lambda index, token: tokens.put((index, token)))
         (future,) = self.batcher.submit("generate", [row])
         future.add_done_callback(lambda _: tokens.put(None))
         decoder = _Detokenizer(self.tokenizer, self._tokenizer_lock)

@@ -125,7 +125,7 @@ class LoRAPolicy(Inference, AdapterFiles):
         self._tokenizer_lock = threading.Lock()
         self.multi_lora = MultiLoRA(self.model, self._params)
         self.batcher = Batcher(self)
-        # KV caches of system messages per adapter, reused across calls (``PrefixCache(0)``: off).
+        # KV caches of system messages and demo blocks per adapter, reused across calls (``PrefixCache(0)``: off).
         self.prefix_cache = PrefixCache()
         # Pickling (``save_program=True``) writes a handle, never the model: see :meth:`__reduce__`.
         self.key = uuid.uuid4().hex
@@ -250,11 +250,12 @@ class LoRAPolicy(Inference, AdapterFiles):
         """The chat template's tokens around each message's content, the content tokenized as plain text."""
         return self._prompt(messages)[0]
 
-    def _prompt(self, messages: ChatMessages) -> tuple[list[int], int]:
-        """:meth:`_prompt_ids` and how many of them end with the first message when it is the system
-        message (the prefix every call of a DSPy predictor repeats; 0 otherwise)."""
+    def _prompt(self, messages: ChatMessages) -> tuple[list[int], tuple[int, ...]]:
+        """:meth:`_prompt_ids` and where its reusable prefixes end (``GenerationRow.prefixes``): after the
+        first message when it is the system message (which every call of a DSPy predictor repeats), and
+        before the last message (after a predictor's demos; the same cut when there are none)."""
         messages = list(messages)
-        prefix = 0
+        prefixes: set[int] = set()
         marks = [f"\x00rosa2-content-{i}\x00" for i in range(len(messages))]
         rendered = self.tokenizer.apply_chat_template(
             [{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True, tokenize=False)
@@ -262,15 +263,18 @@ class LoRAPolicy(Inference, AdapterFiles):
             raise ValueError("This model's chat template changes message content, so LocalLM cannot keep "
                              "control strings in it literal; use a model whose template inserts content as is.")
         ids: list[int] = []
-        for message, mark in zip(messages, marks):
+        system = messages[0].get("role") == "system" if messages else False
+        for index, (message, mark) in enumerate(zip(messages, marks)):
+            if system and index == len(messages) - 1 and index > 1:
+                prefixes.add(len(ids))
             template, _, rendered = rendered.partition(mark)
             with self._tokenizer_lock:
                 ids += self.tokenizer(template, add_special_tokens=False)["input_ids"]
             ids += self._text_ids(message["content"])
-            if message is messages[0] and message.get("role") == "system":
-                prefix = len(ids)
+            if index == 0 and system:
+                prefixes.add(len(ids))
         with self._tokenizer_lock:
-            return ids + list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"]), prefix
+            return ids + list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"]), tuple(sorted(prefixes))
 
     def _response_ids(self, response: str) -> list[int]:
         # The end-of-turn token belongs to the response: it is what makes the model stop.

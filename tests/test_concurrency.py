@@ -117,7 +117,8 @@ def long_system(question):
 
 def test_a_cached_system_prompt_gives_the_answers_a_fresh_cache_gives(tiny_policy):
     vectors = adapters(tiny_policy, 2)
-    prompt, prefix = tiny_policy._prompt(long_system(QUESTIONS[0]))
+    prompt, prefixes = tiny_policy._prompt(long_system(QUESTIONS[0]))
+    (prefix,) = prefixes  # no demos: the system message is the one prefix
     assert 16 <= prefix < len(prompt) and prompt[:prefix] == tiny_policy._prompt(long_system("other"))[0][:prefix]
     fresh = [tiny_policy.generate(long_system(q), max_new_tokens=8, adapter=vectors[0]) for q in QUESTIONS]
     cache = tiny_policy.prefix_cache
@@ -128,14 +129,44 @@ def test_a_cached_system_prompt_gives_the_answers_a_fresh_cache_gives(tiny_polic
     assert cache.misses == 2  # another adapter, another entry
     # The split prefill computes the next-token distribution of the whole prompt at once (up to rounding).
     logits = []
-    for cut in (prefix, 0):
+    for cuts in (prefixes, ()):
         with DecodeBatch(tiny_policy) as batch:
-            batch.admit([GenerationRow(prompt, vectors[0], max_new_tokens=1, prefix=cut)])
+            batch.admit([GenerationRow(prompt, vectors[0], max_new_tokens=1, prefixes=cuts)])
             logits.append(batch._logits)
     assert torch.allclose(logits[0], logits[1], atol=1e-4)
     tiny_policy.prefix_cache = PrefixCache(max_tokens=0)  # off
     tiny_policy.generate(long_system(QUESTIONS[0]), max_new_tokens=8, adapter=vectors[0])
     assert (tiny_policy.prefix_cache.hits, tiny_policy.prefix_cache.misses) == (0, 0)
+
+
+def with_demos(demos, question):
+    """A DSPy predictor's call: system message, demo pairs, then the question."""
+    turns = [m for q, a in demos for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    return [long_system("")[0], *turns, {"role": "user", "content": question}]
+
+
+def test_a_cached_demo_block_gives_the_answers_a_fresh_cache_gives(tiny_policy):
+    vector = adapters(tiny_policy, 1)[0]
+    demos = [("Name a yellow fruit.", "banana"), ("What is 1+1?", "2")]
+    prompt, prefixes = tiny_policy._prompt(with_demos(demos, QUESTIONS[0]))
+    system, block = prefixes
+    other, other_cuts = tiny_policy._prompt(with_demos(demos, QUESTIONS[1]))
+    assert other_cuts == prefixes and other[:block] == prompt[:block] and other[block:] != prompt[block:]
+    calls = [(demos, q) for q in QUESTIONS] + [(demos[::-1], q) for q in QUESTIONS]
+
+    def answer(call):
+        return tiny_policy.generate(with_demos(*call), max_new_tokens=8, adapter=vector)
+
+    fresh = []
+    for call in calls:  # an empty cache for every call: each prompt is prefilled chunk by chunk from scratch
+        tiny_policy.prefix_cache = PrefixCache()
+        fresh.append(answer(call))
+    cache = tiny_policy.prefix_cache = PrefixCache()
+    assert [answer(call) for call in calls] == fresh
+    # The first call misses both prefixes; the other questions under the same demos find the demo block;
+    # the reversed demos miss their block but find the system message, then their block is cached too.
+    assert (cache.hits, cache.misses) == (3 + 1 + 3, 2 + 1)
+    assert len(cache._entries) == 3  # the system message and two demo blocks
 
 
 def test_the_prefix_cache_keeps_at_most_max_tokens():
