@@ -22,6 +22,10 @@ Every figure is a ratio measured in one run on one machine, with the embedded mo
   The concurrent run is exactly ``make run``; its results are also written as the main job's
   (``results/<config name>.json`` and plot), so the two are one measurement.
 
+* ``ceiling`` (only when asked for: ``--parts ceiling``) — the share of this device's practical peak
+  FLOP/s (a large matrix product) that the model's forward and forward + backward reach on one DSPy
+  prompt and answer, one row and 4 at once: a pass at share s can gain at most 1/s from batching.
+
 Parts run in order and each is saved as soon as it finishes (``--parts generation,weights,main``;
 ``results/bench_sessions.json`` keeps earlier parts), so an interrupted run loses at most one part.
 Run: ``python -m programs.bench_sessions``.
@@ -34,6 +38,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dspy
@@ -196,6 +201,63 @@ def bench_weights(policy: LoRAPolicy) -> dict[str, Any]:
             "responses_per_step": 4}
 
 
+def _best_seconds(run: Callable[[], Any], repeats: int = 3) -> float:
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_ceiling(policy: LoRAPolicy, batches: tuple[int, ...] = (1, 4)) -> dict[str, Any]:
+    """How much batching can speed up the passes that are not decoding (prefill, a step's gradients) on
+    this device: the FLOP/s (counted by ``torch.utils.flop_counter``) that a large matrix product reaches,
+    the device's practical peak, against those of the model's forward and of its forward + backward (to
+    the LoRA parameters) on one DSPy prompt and answer, alone and ``batches`` at once. A pass at share s
+    of the peak can run at most 1/s times faster, however it is batched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops_and_seconds(run: Callable[[], Any]) -> tuple[int, float]:
+        with FlopCounterMode(display=False) as counter:
+            run()
+        return counter.get_total_flops(), _best_seconds(run)
+
+    dtype = next(policy.causal_lm.parameters()).dtype
+    size = 2048
+    a, b = (torch.randn(size, size, device=policy.device, dtype=dtype) for _ in range(2))
+    flops, seconds = flops_and_seconds(lambda: a @ b)
+    peak = flops / seconds
+    rows = [{"pass": f"matmul {size}x{size}", "rows": 1, "tokens": None, "GFLOP": flops / 1e9, "seconds": seconds,
+             "GFLOP/s": peak / 1e9, "share of peak": 1.0}]
+    question, gold = "How far is 3 km?", "3000 m"
+    adapter = LenientChatAdapter()
+    signature = dspy.Signature("question -> answer")
+    messages = adapter.format(signature, demos=[], inputs={"question": question})
+    answer = policy._response_ids(adapter.format_assistant_message_content(signature, {"answer": gold}))
+    ids = policy._prompt_ids(messages) + answer
+    model = policy.causal_lm
+    for n in batches:
+        batch = torch.tensor([ids] * n, device=policy.device)
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(input_ids=batch, logits_to_keep=1)
+
+        def forward_backward() -> None:
+            logits = model(input_ids=batch, logits_to_keep=len(answer) + 1).logits.float()  # the answer's
+            torch.autograd.grad(torch.log_softmax(logits, -1).amax(-1).sum(), policy._params)
+
+        for label, run in (("forward", forward), ("forward + backward", forward_backward)):
+            flops, seconds = flops_and_seconds(run)
+            rows.append({"pass": label, "rows": n, "tokens": n * len(ids), "GFLOP": flops / 1e9, "seconds": seconds,
+                         "GFLOP/s": flops / seconds / 1e9, "share of peak": flops / seconds / peak})
+    share = {f"{r['pass']}, {r['rows']} row{'s' * (r['rows'] > 1)}": r["share of peak"] for r in rows[1:]}
+    return {"rows": rows, "peak_gflops": peak / 1e9, "share_of_peak": share,
+            "most_batching_can_gain": {k: 1 / v for k, v in share.items()}}
+
+
 def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:
     """The main job's config run with ``concurrency`` 1 and 8. ``actor`` replaces some of the config's
     actor settings (another model or device) and ``limit`` its number of tasks; such a run is not the
@@ -259,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     conversations = tuple(int(n) for n in args.conversations.split(","))
     parts = {"generation": lambda: bench_generation(actor.policy, args.max_new_tokens, conversations),
              "weights": lambda: bench_weights(actor.policy),
+             "ceiling": lambda: bench_ceiling(actor.policy),
              # Another model than the embedded one: the main job's conversations run on it too.
              "main": lambda: bench_main_job(args.config, limit=args.main_tasks, actor=None if args.model == "embedded"
                                             else {"model": str(model), "device": args.device, "dtype": args.dtype})}
