@@ -1,0 +1,20 @@
+"""The `ceiling` part of programs.bench_sessions: FLOPs counted, not guessed."""
+
+import pytest
+
+from programs.bench_sessions import bench_ceiling
+
+
+def test_the_ceiling_counts_the_flops_of_each_pass_and_relates_them_to_the_peak(tiny_policy):
+    result = bench_ceiling(tiny_policy, batches=(1, 3))
+    matmul, *passes = result["rows"]
+    assert matmul["GFLOP"] == pytest.approx(2 * 2048**3 / 1e9)  # a matmul of two n x n matrices: 2 n^3
+    by_key = {(r["pass"], r["rows"]): r for r in passes}
+    for label in ("forward", "forward + backward"):
+        one, three = by_key[(label, 1)], by_key[(label, 3)]
+        assert three["tokens"] == 3 * one["tokens"]
+        assert three["GFLOP"] == pytest.approx(3 * one["GFLOP"])  # the same arithmetic, three times
+        assert one["share of peak"] == pytest.approx(one["GFLOP/s"] / result["peak_gflops"])
+    # The backward pass adds arithmetic to the forward's (the activations' gradients at least).
+    assert by_key[("forward + backward", 1)]["GFLOP"] > by_key[("forward", 1)]["GFLOP"]
+    assert result["most_batching_can_gain"]["forward, 1 row"] == pytest.approx(1 / by_key[("forward", 1)]["share of peak"])
