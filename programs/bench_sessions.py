@@ -45,6 +45,7 @@ import dspy
 import torch
 
 from programs import experiment, experiment_report
+from programs.profile_turn import best_of
 from programs.random_model import resolve_model
 from programs.reporting import RESULTS_DIR, format_table, machine_facts
 from programs.tasks import load_task
@@ -201,16 +202,6 @@ def bench_weights(policy: LoRAPolicy) -> dict[str, Any]:
             "responses_per_step": 4}
 
 
-def _best_seconds(run: Callable[[], Any], repeats: int = 3) -> float:
-    run()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def bench_ceiling(policy: LoRAPolicy, batches: tuple[int, ...] = (1, 4)) -> dict[str, Any]:
     """How much batching can speed up the passes that are not decoding (prefill, a step's gradients) on
     this device: the FLOP/s (counted by ``torch.utils.flop_counter``) that a large matrix product reaches,
@@ -221,8 +212,8 @@ def bench_ceiling(policy: LoRAPolicy, batches: tuple[int, ...] = (1, 4)) -> dict
 
     def flops_and_seconds(run: Callable[[], Any]) -> tuple[int, float]:
         with FlopCounterMode(display=False) as counter:
-            run()
-        return counter.get_total_flops(), _best_seconds(run)
+            run()  # counted, and the warm-up of the timed runs
+        return counter.get_total_flops(), best_of(3, {"pass": run})["pass"]
 
     dtype = next(policy.causal_lm.parameters()).dtype
     size = 2048

@@ -303,10 +303,11 @@ class DecodeBatch:
         from transformers import DynamicCache
 
         cuts, store = self._cuts(row), self.policy.prefix_cache
+        keys = {cut: store.key(row.prompt[:cut], vector[0]) for cut in cuts}  # each hashes the adapter once
         self.policy.multi_lora.replace(vector)
         done, layers = 0, None
         for cut in reversed(cuts):
-            layers = store.get(store.key(row.prompt[:cut], vector[0]))
+            layers = store.get(keys[cut])
             if layers is not None:
                 done = cut
                 break
@@ -320,7 +321,7 @@ class DecodeBatch:
                                 attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                                 **{self._cache_kw: cache}).logits[:, -1]
             if end < len(row.prompt):
-                store.put(store.key(row.prompt[:end], vector[0]), [(layer.keys, layer.values) for layer in cache.layers])
+                store.put(keys[end], [(layer.keys, layer.values) for layer in cache.layers])
             done = end
         return cache, mask, positions[:, -1:] + 1, logits
 

@@ -253,9 +253,9 @@ class LoRAPolicy(Inference, AdapterFiles):
     def _prompt(self, messages: ChatMessages) -> tuple[list[int], tuple[int, ...]]:
         """:meth:`_prompt_ids` and where its reusable prefixes end (``GenerationRow.prefixes``): after the
         first message when it is the system message (which every call of a DSPy predictor repeats), and
-        before the last message (after a predictor's demos; the same cut when there are none)."""
+        before the last message when messages come between the two (a predictor's demos)."""
         messages = list(messages)
-        prefixes: set[int] = set()
+        prefixes: list[int] = []
         marks = [f"\x00rosa2-content-{i}\x00" for i in range(len(messages))]
         rendered = self.tokenizer.apply_chat_template(
             [{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True, tokenize=False)
@@ -266,15 +266,15 @@ class LoRAPolicy(Inference, AdapterFiles):
         system = messages[0].get("role") == "system" if messages else False
         for index, (message, mark) in enumerate(zip(messages, marks)):
             if system and index == len(messages) - 1 and index > 1:
-                prefixes.add(len(ids))
+                prefixes.append(len(ids))
             template, _, rendered = rendered.partition(mark)
             with self._tokenizer_lock:
                 ids += self.tokenizer(template, add_special_tokens=False)["input_ids"]
             ids += self._text_ids(message["content"])
             if index == 0 and system:
-                prefixes.add(len(ids))
+                prefixes.append(len(ids))
         with self._tokenizer_lock:
-            return ids + list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"]), tuple(sorted(prefixes))
+            return ids + list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"]), tuple(prefixes)
 
     def _response_ids(self, response: str) -> list[int]:
         # The end-of-turn token belongs to the response: it is what makes the model stop.
