@@ -38,6 +38,11 @@ import torch
 
 from rosa2_dspy.multi_lora import stack_adapters
 
+try:  # transformers >= 4.56: a cache is a list of layers
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover - older transformers have no per-layer caches (supports_row_caches is False)
+    DynamicLayer = object
+
 if TYPE_CHECKING:
     from rosa2_dspy.policy import LoRAPolicy
 
@@ -99,9 +104,86 @@ def supports_row_caches(model: torch.nn.Module) -> bool:
     """Whether a KV cache of ``model`` can be cut, stacked and copied per row: every layer of its
     ``DynamicCache`` is a plain ``DynamicLayer`` (no sliding window, no quantisation)."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends each token's keys and values in place, into room kept at the end.
+
+    ``DynamicLayer.update`` concatenates: every decode step copies the whole cache, so a long answer costs
+    time quadratic in its length (at 7 rows of ~400 tokens, 28% of a step on a 2-core CPU). Here the
+    cache lives in a buffer with ``SPARE`` free positions; a step writes only its own token, and the
+    ``keys``/``values`` the model sees are views of the buffer's filled part. Dropping rows and leading
+    padding (:meth:`batch_select_indices`) and stacking rows (:meth:`stack`) copy once, into a fresh
+    buffer. Views handed out earlier (e.g. to :class:`PrefixCache`) never change: later tokens are written
+    past their end, and a layer never writes into a buffer it did not allocate (tensors assigned to
+    ``keys``/``values`` from outside are copied into a fresh buffer at the next update).
+    """
+
+    SPARE = 128
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append("keys", key_states)
+        self._append("values", value_states)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor, start: int = 0) -> None:
+        """Keep the rows at ``indices``, and the positions from ``start`` on."""
+        if self.get_seq_length() == 0:
+            return
+        for name in ("keys", "values"):
+            kept = getattr(self, name)[..., start:, :]
+            torch.index_select(kept, 0, indices, out=self._fresh(name, kept, len(indices), kept.shape[-2]))
+
+    def stack(self, other: DynamicLayer, width: int) -> None:
+        """Put ``other``'s rows below these, both left-padded with zeros to ``width`` positions."""
+        for name in ("keys", "values"):
+            ours, theirs = getattr(self, name), getattr(other, name)
+            rows = ours.shape[0]
+            filled = self._fresh(name, ours, rows + theirs.shape[0], width, zero=True)
+            filled[:rows, :, width - ours.shape[-2]:, :] = ours
+            filled[rows:, :, width - theirs.shape[-2]:, :] = theirs
+
+    def _fresh(self, name: str, like: torch.Tensor, rows: int, length: int, room: int = 0,
+               zero: bool = False) -> torch.Tensor:
+        """A new buffer for ``name`` with ``rows`` rows and ``length + room + SPARE`` positions; its first
+        ``length`` positions become ``name`` (and are returned, to be filled by the caller)."""
+        make = like.new_zeros if zero else like.new_empty
+        buffer = make((rows, like.shape[1], length + room + self.SPARE, like.shape[-1]))
+        if not hasattr(self, "_buffers"):
+            self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers[name] = buffer
+        setattr(self, name, buffer[..., :length, :])
+        return getattr(self, name)
+
+    def _append(self, name: str, new: torch.Tensor) -> None:
+        filled, buffer = getattr(self, name), getattr(self, "_buffers", {}).get(name)
+        n, k = (filled.shape[-2] if filled.numel() else 0), new.shape[-2]
+        ours = buffer is not None and filled._base is buffer and filled.storage_offset() == 0 \
+            and filled.shape[:-2] == buffer.shape[:-2]
+        if not ours or n + k > buffer.shape[-2]:
+            old = filled
+            filled = self._fresh(name, new, new.shape[0], n, room=k)
+            if n:
+                filled[...] = old
+            buffer = self._buffers[name]
+        buffer[..., n : n + k, :] = new
+        setattr(self, name, buffer[..., : n + k, :])
+
+
+def row_cache(model: torch.nn.Module, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A KV cache for :class:`DecodeBatch`: one :class:`GrowingLayer` per layer of ``model`` (whose layers
+    must pass :func:`supports_row_caches`), filled with ``layers``' keys and values if given."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    for layer, (keys, values) in zip(cache.layers, layers or []):
+        layer.update(keys, values)
+    return cache
 
 
 def prefill_groups(lengths: Sequence[int], waste: float = PREFILL_WASTE) -> list[list[int]]:
@@ -120,12 +202,9 @@ def prefill_groups(lengths: Sequence[int], waste: float = PREFILL_WASTE) -> list
     return groups
 
 
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``[b, heads, s, d]`` (or ``[b, s]``) padded with zeros on the left of the sequence axis to ``width``."""
-    extra = width - t.shape[-2 if t.dim() == 4 else -1]
-    if extra == 0:
-        return t
-    return torch.nn.functional.pad(t, (0, 0, extra, 0) if t.dim() == 4 else (extra, 0))
+def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """An attention mask ``[b, s]`` padded with zeros on the left to ``width`` columns."""
+    return torch.nn.functional.pad(mask, (width - mask.shape[-1], 0))
 
 
 MIN_PREFIX = 16  # shorter prefixes are not worth a cache entry
@@ -209,10 +288,11 @@ class DecodeBatch:
         self.model, self.device = policy.causal_lm, policy.device
         self.eos, self.pad = policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
         self._cache_kw = cache_keyword(type(self.model))
-        self._new_cache = lambda: DynamicCache(config=self.model.config)
         # Rows can be merged into a running batch only when every cache layer is a plain DynamicLayer (no
         # sliding window or quantised cache); otherwise rows are prefilled together, as one group.
         self.mergeable = supports_row_caches(self.model)
+        self._new_cache = (lambda: row_cache(self.model)) if self.mergeable \
+            else (lambda: DynamicCache(config=self.model.config))
         self.results: list[Generation | None] = []  # by handle; None while the row decodes
         self._partial: dict[int, list[int]] = {}  # by handle: the tokens chosen so far
         self._rows: list[GenerationRow] = []  # by handle
@@ -300,8 +380,6 @@ class DecodeBatch:
     def _prefill_with_prefix(self, row: GenerationRow, vector: torch.Tensor):
         """One row: the KV of its longest cached prefix, each longer prefix prefilled on top (and cached),
         then the rest of its prompt."""
-        from transformers import DynamicCache
-
         cuts, store = self._cuts(row), self.policy.prefix_cache
         keys = {cut: store.key(row.prompt[:cut], vector[0]) for cut in cuts}  # each hashes the adapter once
         self.policy.multi_lora.replace(vector)
@@ -311,9 +389,8 @@ class DecodeBatch:
             if layers is not None:
                 done = cut
                 break
-        # A copy of the cached layer list: the cached tensors themselves are never written to (a cache
-        # layer's update concatenates into new tensors).
-        cache = DynamicCache(ddp_cache_data=layers) if layers is not None else self._new_cache()
+        # The cached tensors themselves are never written to: row_cache copies them into buffers of its own.
+        cache = row_cache(self.model, layers)
         for end in [*(cut for cut in cuts if cut > done), len(row.prompt)]:
             mask = torch.ones((1, end), dtype=torch.long, device=self.device)
             positions = torch.arange(done, end, device=self.device)[None]
@@ -330,9 +407,8 @@ class DecodeBatch:
             self._cache, self._mask, self._next_position, self._logits = cache, mask, next_position, logits
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        for ours, theirs in zip(self._cache.layers, cache.layers):
-            ours.keys = torch.cat([_left_pad(ours.keys, width), _left_pad(theirs.keys, width)])
-            ours.values = torch.cat([_left_pad(ours.values, width), _left_pad(theirs.values, width)])
+        for ours, theirs in zip(self._cache.layers, cache.layers):  # GrowingLayers: only such caches merge
+            ours.stack(theirs, width)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
         self._next_position = torch.cat([self._next_position, next_position])
         self._logits = torch.cat([self._logits, logits])
@@ -372,15 +448,16 @@ class DecodeBatch:
             self.policy.multi_lora.replace(torch.zeros((0, self.policy.multi_lora.size), device=self.device))
             return
         index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
         self._mask, self._next_position = self._mask[index], self._next_position[index]
         self._logits, self._vectors = self._logits[index], self._vectors[index]
         self.policy.multi_lora.select(index)
+        if not self.mergeable:
+            self._cache.batch_select_indices(index)
+            return
         unused = int((self._mask.sum(0) == 0).cumprod(0).sum())  # leading columns that are padding in every row
-        if unused and self.mergeable:
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
-            self._mask = self._mask[:, unused:]
+        for layer in self._cache.layers:  # the rows kept and the columns they need, copied once
+            layer.batch_select_indices(index, start=unused)
+        self._mask = self._mask[:, unused:]
 
 
 def generate_rows(policy: "LoRAPolicy", rows: Sequence[GenerationRow]) -> list[Generation]:

@@ -13,7 +13,7 @@ import dspy
 import pytest
 import torch
 
-from rosa2_dspy.decoding import DecodeBatch, PrefixCache, prefill_groups
+from rosa2_dspy.decoding import DecodeBatch, GrowingLayer, PrefixCache, prefill_groups
 from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
 from rosa2_dspy.scoring import ScoreRow
 from rosa2_dspy.rosa2 import ROSA2
@@ -177,6 +177,30 @@ def test_the_prefix_cache_keeps_at_most_max_tokens():
         cache.put(key, [])
     assert cache.get(keys[0]) is None and cache.get(keys[1]) == [] and cache.get(keys[2]) == []
     assert cache.key([1, 2], vector) != cache.key([1, 2], vector + 1)
+
+
+def test_a_growing_cache_layer_holds_what_a_dynamic_layer_holds_and_never_writes_into_views_it_gave_out():
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    ours, theirs = GrowingLayer(), DynamicLayer()
+    chunk = lambda n, b=2: (torch.randn(b, 3, n, 4), torch.randn(b, 3, n, 4))  # noqa: E731
+    given_out = []
+    for n in (5, 1, 1, GrowingLayer.SPARE, 1):  # the fourth chunk outgrows the room left in the buffer
+        new = chunk(n)
+        keys, values = ours.update(*new)
+        assert torch.equal(keys, theirs.update(*new)[0]) and torch.equal(values, theirs.values)
+        given_out.append((keys, keys.clone()))
+    buffer, new = ours._buffers["keys"], chunk(1)
+    ours.update(*new), theirs.update(*new)  # a token step appends in place: same buffer
+    assert ours._buffers["keys"] is buffer and torch.equal(ours.keys, theirs.keys)
+    index = torch.tensor([1])
+    ours.batch_select_indices(index), theirs.batch_select_indices(index)  # a finished row leaves
+    foreign, foreign_copy = ours.keys, ours.keys.clone()  # a tensor the layer did not allocate
+    new = chunk(2, b=1)
+    assert torch.equal(ours.update(*new)[0], theirs.update(*new)[0]) and torch.equal(ours.values, theirs.values)
+    assert ours._buffers["keys"] is not buffer and torch.equal(foreign, foreign_copy)
+    assert all(torch.equal(view, copy) for view, copy in given_out)
 
 
 def test_engine_decoding_equals_transformers_generate(tiny_policy):
