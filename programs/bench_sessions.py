@@ -11,9 +11,10 @@ Every figure is a ratio measured in one run on one machine, with the embedded mo
   through the same engine, and
   ``weights_step_speedup_vs_pre_issue`` vs the passes as they were before batching (one PEFT forward and
   backward per response, logits over every position); the largest relative difference of the Δθ.
-* ``main_job_speedup`` — the main job's config (``programs/configs/default.json``) run with
-  ``concurrency`` 8 over the same run with ``concurrency`` 1, with ``identical_share``: the share of turns
-  whose answers are identical in both; and ``adapt_over_generate`` — in the sequential joint-mode run,
+* ``main_job_speedup`` — the main job's config (``programs/configs/default.json``) run with the
+  experiment's default ``concurrency`` (16) over the same run with ``concurrency`` 1, with
+  ``identical_share``: the share of turns whose answers are identical in both; ``by_concurrency`` has
+  the same for each of ``--main-concurrency`` (default 8 and 16); and ``adapt_over_generate`` — in the sequential joint-mode run,
   the per-turn seconds of words + weights over the per-turn seconds of generation. Measurements that are
   not adaptation (the Theorem 4.1 shifts, the weights step's ``logprob_after`` of the responses its KL
   check did not score; ``rosa2_dspy.records.MEASUREMENTS``) are timed apart and reported beside it
@@ -249,36 +250,35 @@ def bench_ceiling(policy: LoRAPolicy, batches: tuple[int, ...] = (1, 4)) -> dict
             "most_batching_can_gain": {k: 1 / v for k, v in share.items()}}
 
 
-def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit: int | None = None) -> dict[str, Any]:
-    """The main job's config run with ``concurrency`` 1 and 8. ``actor`` replaces some of the config's
-    actor settings (another model or device) and ``limit`` its number of tasks; such a run is not the
-    main job, so its results are not written as the main job's."""
+def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit: int | None = None,
+                   concurrencies: tuple[int, ...] = (8, experiment.DEFAULT_CONCURRENCY)) -> dict[str, Any]:
+    """The main job's config run with ``concurrency`` 1 and with each of ``concurrencies``. ``actor``
+    replaces some of the config's actor settings (another model or device) and ``limit`` its number of
+    tasks; such a run is not the main job, so its results are not written as the main job's.
+    ``main_job_speedup`` is at the experiment's default concurrency (``make run``'s), if measured."""
     config = experiment.load_config(config_name)
     as_configured = actor is None and limit is None
     config = {**config, "actor": {**config["actor"], **(actor or {})}, "limit": limit or config.get("limit")}
     runs = {}
-    for concurrency in (1, 8):
+    for concurrency in (1, *concurrencies):
         print(f"main job ({config_name}) with concurrency {concurrency} ...", flush=True)
         runs[concurrency] = experiment.run_experiment({**config, "concurrency": concurrency})
-    sequential, concurrent = runs[1], runs[8]
-    same = total = 0
-    for mode, tasks in sequential["trajectories"].items():
-        for seq_task, con_task in zip(tasks, concurrent["trajectories"][mode]):
-            for seq_turn, con_turn in zip(seq_task, con_task):
-                total += 1
-                same += seq_turn["outputs"] == con_turn["outputs"]
-            total += abs(len(seq_task) - len(con_task))
-    phases = {k: v["seconds_per_turn"] for k, v in sequential["summaries"].items()}
-    joint = phases.get("joint", {})
-    if as_configured:
+    sequential = runs[1]
+    by_concurrency = {c: {"wall_s": runs[c]["wall_seconds"],
+                          "main_job_speedup": sequential["wall_seconds"] / runs[c]["wall_seconds"],
+                          **identical_turns(sequential, runs[c])} for c in concurrencies}
+    default = experiment.DEFAULT_CONCURRENCY if experiment.DEFAULT_CONCURRENCY in runs else concurrencies[-1]
+    concurrent = runs[default]
+    joint = sequential["summaries"].get("joint", {}).get("seconds_per_turn", {})
+    if as_configured and default == experiment.DEFAULT_CONCURRENCY:
         experiment_report.report(concurrent, config.get("name", "experiment"))  # the same run is the main job's result
     return {
         "config": config_name, "actor": config["actor"], "tasks": config.get("limit"),
         "sequential_wall_s": sequential["wall_seconds"],
+        "concurrency": default,
         "concurrent_wall_s": concurrent["wall_seconds"],
-        "main_job_speedup": sequential["wall_seconds"] / concurrent["wall_seconds"],
-        "identical_share": same / total if total else None,
-        "turns_compared": total,
+        **{k: v for k, v in by_concurrency[default].items() if k != "wall_s"},
+        "by_concurrency": by_concurrency,
         "adapt_over_generate": (joint["words"] + joint["weights"]) / joint["generate"] if joint else None,
         "joint_seconds_per_turn_sequential": joint,
         "joint_measurement_seconds_per_turn_sequential":
@@ -287,6 +287,19 @@ def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit:
         "summaries_sequential": sequential["summaries"],
         "summaries_concurrent": concurrent["summaries"],
     }
+
+
+def identical_turns(sequential: dict[str, Any], concurrent: dict[str, Any]) -> dict[str, Any]:
+    """``identical_share``: the share of turns whose answers are the same in both runs (a turn only one run
+    took counts as different), of ``turns_compared``."""
+    same = total = 0
+    for mode, tasks in sequential["trajectories"].items():
+        for seq_task, con_task in zip(tasks, concurrent["trajectories"][mode]):
+            for seq_turn, con_turn in zip(seq_task, con_task):
+                total += 1
+                same += seq_turn["outputs"] == con_turn["outputs"]
+            total += abs(len(seq_task) - len(con_task))
+    return {"identical_share": same / total if total else None, "turns_compared": total}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conversations", default="1,2,4,8,16", help="concurrent conversations to time")
     parser.add_argument("--max-batch", type=int, default=None, help="the batching engine's rows per pass")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --model random:<shape>")
+    parser.add_argument("--main-concurrency", default=f"8,{experiment.DEFAULT_CONCURRENCY}",
+                        help="the 'main' part's concurrent runs (each against one sequential run)")
     parser.add_argument("--main-tasks", type=int, default=None,
                         help="the 'main' part's number of tasks (default: the config's)")
     parser.add_argument("--name", default=NAME, help="results/<name>.json")
@@ -310,11 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     model = resolve_model(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
     actor = LocalLM(model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
     conversations = tuple(int(n) for n in args.conversations.split(","))
+    main_concurrency = tuple(int(n) for n in args.main_concurrency.split(","))
     parts = {"generation": lambda: bench_generation(actor.policy, args.max_new_tokens, conversations),
              "weights": lambda: bench_weights(actor.policy),
              "ceiling": lambda: bench_ceiling(actor.policy),
              # Another model than the embedded one: the main job's conversations run on it too.
-             "main": lambda: bench_main_job(args.config, limit=args.main_tasks, actor=None if args.model == "embedded"
+             "main": lambda: bench_main_job(args.config, limit=args.main_tasks, concurrencies=main_concurrency, actor=None if args.model == "embedded"
                                             else {"model": str(model), "device": args.device, "dtype": args.dtype})}
     for part in args.parts.split(","):
         result = parts[part]()

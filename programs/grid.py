@@ -94,7 +94,7 @@ def run_cell(config: dict[str, Any], jobs: list[tuple[str, int]], digest: str) -
     error: BaseException | None = None
     try:
         experiment._run_jobs(jobs, experiment.conversation_runner(config, examples), {}, collected, examples,
-                             int(config.get("concurrency", 8)), len(jobs), progress=False)
+                             int(config.get("concurrency", experiment.DEFAULT_CONCURRENCY)), len(jobs), progress=False)
     except Exception as err:  # noqa: BLE001 - handed to the driver after the finished rows
         error = err
     return {"rows": collected.rows, "error": error}
