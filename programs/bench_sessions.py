@@ -12,7 +12,7 @@ Every figure is a ratio measured in one run on one machine, with the embedded mo
   ``weights_step_speedup_vs_pre_issue`` vs the passes as they were before batching (one PEFT forward and
   backward per response, logits over every position); the largest relative difference of the Δθ.
 * ``main_job_speedup`` — the main job's config (``programs/configs/default.json``) run with the
-  experiment's default ``concurrency`` (16) over the same run with ``concurrency`` 1, with
+  experiment's default ``concurrency`` (8) over the same run with ``concurrency`` 1, with
   ``identical_share``: the share of turns whose answers are identical in both; ``by_concurrency`` has
   the same for each of ``--main-concurrency`` (default 8 and 16); and ``adapt_over_generate`` — in the sequential joint-mode run,
   the per-turn seconds of words + weights over the per-turn seconds of generation. Measurements that are
@@ -251,7 +251,7 @@ def bench_ceiling(policy: LoRAPolicy, batches: tuple[int, ...] = (1, 4)) -> dict
 
 
 def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit: int | None = None,
-                   concurrencies: tuple[int, ...] = (8, experiment.DEFAULT_CONCURRENCY)) -> dict[str, Any]:
+                   concurrencies: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
     """The main job's config run with ``concurrency`` 1 and with each of ``concurrencies``. ``actor``
     replaces some of the config's actor settings (another model or device) and ``limit`` its number of
     tasks; such a run is not the main job, so its results are not written as the main job's.
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conversations", default="1,2,4,8,16", help="concurrent conversations to time")
     parser.add_argument("--max-batch", type=int, default=None, help="the batching engine's rows per pass")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --model random:<shape>")
-    parser.add_argument("--main-concurrency", default=f"8,{experiment.DEFAULT_CONCURRENCY}",
+    parser.add_argument("--main-concurrency", default="8,16",
                         help="the 'main' part's concurrent runs (each against one sequential run)")
     parser.add_argument("--main-tasks", type=int, default=None,
                         help="the 'main' part's number of tasks (default: the config's)")

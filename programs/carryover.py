@@ -156,7 +156,8 @@ def run_carryover(config: dict[str, Any], progress: bool = True, progress_path: 
             return run_user(modules[job[0]], people[job[1]]), time.perf_counter() - began
 
         firsts = [dspy.Example(question=p["user"]) for p in people]  # the progress file's label for a job
-        experiment._run_jobs(todo, converse, records, store, firsts, int(config.get("concurrency", experiment.DEFAULT_CONCURRENCY)), len(jobs),
+        concurrency = int(config.get("concurrency", experiment.DEFAULT_CONCURRENCY))
+        experiment._run_jobs(todo, converse, records, store, firsts, concurrency, len(jobs),
                              progress, encode=_json, decode=lambda row: row)
     wall = time.perf_counter() - start
     results = analyse(config, {mode: [records[(mode, u)] for u in range(len(people))] for mode in modes})

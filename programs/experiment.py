@@ -10,7 +10,7 @@ Configuration is a JSON file (``programs/configs/*.json``) so LMs are swapped by
 
     {"name": "...", "task": "intent", "limit": 8, "spread": false, "program": "predict", "modes": [...],
      "split": "test", "seed": 0,
-     "max_turns": 4, "concurrency": 16,
+     "max_turns": 4, "concurrency": 8,
      "actor": {"model": "embedded", "device": "cpu", "dtype": "float32", "max_tokens": 64,
                "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
      "refiner": {"lm": "actor", "fallback": "append", "max_tokens": 96},
@@ -34,7 +34,7 @@ takes ``per_kind``) pick the problems: ``split`` ``"test"`` (what the shipped co
 (for tuning); ``limit`` is their number. Examples that carry ``steps`` (the generated math problems) are also reported by step
 count: ``results["by_steps"][mode][steps]`` is the share solved by the last turn, with its interval.
 
-``concurrency`` (default 16, the batching engine's ``max_batch``; ``--concurrency``) is how many conversations run at once: every (mode, task)
+``concurrency`` (default 8; ``--concurrency``) is how many conversations run at once: every (mode, task)
 interaction is a call of ``ROSA2.interact`` on a thread pool, the way a user serves many users from one
 instance, so a local actor batches them. Each interaction starts from θ0 and the original words in a
 session of its own, so the records equal the sequential run's (``--concurrency 1``) up to the last bits
@@ -116,7 +116,9 @@ from rosa2_dspy.local_lm import make_adapter
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROGRAMS = {"predict": dspy.Predict, "cot": dspy.ChainOfThought}
 SERVED_MODES = ("static", "prompt-only")
-DEFAULT_CONCURRENCY = 16  # conversations at once: as many as LocalLM batches in one pass (max_batch)
+# Conversations at once. On the 2-core CPU the main job ran 263.6 s with 8 and 280.6 s with 16 (results/
+# bench_sessions.json, main.by_concurrency): the model is busy either way, so more do not help there.
+DEFAULT_CONCURRENCY = 8
 
 
 def load_config(path_or_name: str) -> dict[str, Any]:
