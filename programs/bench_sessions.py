@@ -14,7 +14,8 @@ Every figure is a ratio measured in one run on one machine, with the embedded mo
 * ``main_job_speedup`` — the main job's config (``programs/configs/default.json``) run with the
   experiment's default ``concurrency`` (8) over the same run with ``concurrency`` 1, with
   ``identical_share``: the share of turns whose answers are identical in both; ``by_concurrency`` has
-  the same for each of ``--main-concurrency`` (default 8 and 16); and ``adapt_over_generate`` — in the sequential joint-mode run,
+  the same for each of ``--main-concurrency`` (default 8 and 16), with the engine's load (its passes'
+  seconds by kind and ``busy_share``, their sum over the wall time; ``programs.experiment.engine_load``); and ``adapt_over_generate`` — in the sequential joint-mode run,
   the per-turn seconds of words + weights over the per-turn seconds of generation. Measurements that are
   not adaptation (the Theorem 4.1 shifts, the weights step's ``logprob_after`` of the responses its KL
   check did not score; ``rosa2_dspy.records.MEASUREMENTS``) are timed apart and reported beside it
@@ -266,7 +267,8 @@ def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit:
     sequential = runs[1]
     by_concurrency = {c: {"wall_s": runs[c]["wall_seconds"],
                           "main_job_speedup": sequential["wall_seconds"] / runs[c]["wall_seconds"],
-                          **identical_turns(sequential, runs[c])} for c in concurrencies}
+                          **identical_turns(sequential, runs[c]), "engine": runs[c].get("engine")}
+                      for c in concurrencies}
     default = experiment.DEFAULT_CONCURRENCY if experiment.DEFAULT_CONCURRENCY in runs else concurrencies[-1]
     concurrent = runs[default]
     joint = sequential["summaries"].get("joint", {}).get("seconds_per_turn", {})
@@ -277,8 +279,9 @@ def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit:
         "sequential_wall_s": sequential["wall_seconds"],
         "concurrency": default,
         "concurrent_wall_s": concurrent["wall_seconds"],
-        **{k: v for k, v in by_concurrency[default].items() if k != "wall_s"},
+        **{k: v for k, v in by_concurrency[default].items() if k not in ("wall_s", "engine")},
         "by_concurrency": by_concurrency,
+        "engine_sequential": sequential.get("engine"),
         "adapt_over_generate": (joint["words"] + joint["weights"]) / joint["generate"] if joint else None,
         "joint_seconds_per_turn_sequential": joint,
         "joint_measurement_seconds_per_turn_sequential":

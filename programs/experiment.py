@@ -116,8 +116,8 @@ from rosa2_dspy.local_lm import make_adapter
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROGRAMS = {"predict": dspy.Predict, "cot": dspy.ChainOfThought}
 SERVED_MODES = ("static", "prompt-only")
-# Conversations at once. On the 2-core CPU the main job ran 263.6 s with 8 and 280.6 s with 16 (results/
-# bench_sessions.json, main.by_concurrency): the model is busy either way, so more do not help there.
+# Conversations at once. On the 2-core CPU 16 ran the main job no faster than 8 (results/bench_sessions.json,
+# main.by_concurrency): the model is busy nearly all the time either way.
 DEFAULT_CONCURRENCY = 8
 
 
@@ -265,20 +265,33 @@ def run_experiment(config: dict[str, Any], progress: bool = True, progress_path:
 
     if finished_only:
         return _analyse_finished(config, examples, rows, records, len(jobs))
-    start = time.perf_counter()
+    start, converse = time.perf_counter(), None
     if todo and config.get("ray") not in (None, False):
         from programs.grid import run_on_ray  # Ray is an optional extra: imported only when asked for
 
         run_on_ray(config, todo, records, store, examples, len(jobs), progress)
     elif todo:
-        _run_jobs(todo, conversation_runner(config, examples), records, store, examples,
-                  int(config.get("concurrency", DEFAULT_CONCURRENCY)), len(jobs), progress)
+        converse = conversation_runner(config, examples)
+        _run_jobs(todo, converse, records, store, examples, int(config.get("concurrency", DEFAULT_CONCURRENCY)),
+                  len(jobs), progress)
     wall = time.perf_counter() - start
     trajectories = {mode: [records[(mode, i)] for i in range(len(examples))] for mode in rows}
     steps = [e.get("steps") for e in examples]
     results = analyse(config, trajectories, steps if all(s is not None for s in steps) else None)
     results.update(wall_seconds=wall, resumed=len(jobs) - len(todo))
+    policy = getattr(getattr(converse, "actor", None), "policy", None)  # a local actor's model
+    if policy is not None:
+        results["engine"] = engine_load(policy.batcher, wall)
     return results
+
+
+def engine_load(batcher: Any, wall: float) -> dict[str, Any]:
+    """How busy a local actor's model was during a run: its batched passes by kind, their seconds, and
+    ``busy_share``, their sum over the run's wall time (near 1: every conversation waits on the model,
+    so more at once can only help by making its passes cheaper)."""
+    busy = sum(batcher.seconds.values())
+    return {"passes": dict(batcher.passes), "seconds": dict(batcher.seconds),
+            "busy_share": busy / wall if wall else None}
 
 
 def _analyse_finished(config: dict[str, Any], examples: list[dspy.Example], rows: list[str],
@@ -312,6 +325,7 @@ def conversation_runner(config: dict[str, Any], examples: list[dspy.Example]) ->
         modules[mode].end_session(result.rosa2.session_id)  # every interaction starts from θ0 and the original words
         return result.rosa2.trajectory, time.perf_counter() - began
 
+    converse.actor = actor  # type: ignore[attr-defined] - its engine's load is reported (engine_load)
     return converse
 
 

@@ -99,6 +99,8 @@ class Batcher:
         self._compute_lock = threading.RLock()  # re-entered by a scoring pass run between token steps
         self._held: list[_Job] = []  # taken from the queue but not fitting the pass that was running
         self.passes: dict[str, int] = {kind: 0 for kind in _PASSES}  # how many batched passes ran (for benchmarks)
+        # Seconds the model spent in each kind of pass (a decode's token steps and prefills count as "generate").
+        self.seconds: dict[str, float] = {kind: 0.0 for kind in _PASSES}
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[Generation]:
         return self._submit("generate", list(rows))
@@ -179,6 +181,7 @@ class Batcher:
         token steps while there is room and no other kind of request waits; each job's future resolves
         when its last row ends."""
         handles: dict[int, tuple[_Job, list[int]]] = {}  # first handle of a job -> (job, its handles)
+        began, scoring = time.perf_counter(), self.seconds["score"] + self.seconds["divergence"]
         try:
             with self._compute_lock, DecodeBatch(self.policy) as decode:
                 self._admit(decode, jobs, handles)
@@ -196,6 +199,9 @@ class Batcher:
                            err, len(unfinished))
             for job in unfinished:
                 self._run_jobs([job])
+        finally:  # the scoring passes run between its token steps are counted as scoring
+            nested = self.seconds["score"] + self.seconds["divergence"] - scoring
+            self.seconds["generate"] += time.perf_counter() - began - nested
 
     def _between_steps(self, decode: DecodeBatch, handles: dict) -> None:
         """Between two token steps of a running decode: scoring requests that wait run now, in passes of
@@ -259,10 +265,13 @@ class Batcher:
 
     def _run(self, kind: str, rows: list) -> list:
         run: Callable = _PASSES[kind]
+        began = time.perf_counter()
         with self._compute_lock:  # MultiLoRA's per-row state belongs to one pass at a time
             results = run(self.policy, rows, share_prompts=self.share_prompts) if kind == "score" \
                 else run(self.policy, rows)
         self.passes[kind] += 1
+        if kind != "generate":  # generation runs here only inside a _decode, which counts its time
+            self.seconds[kind] += time.perf_counter() - began
         return results
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
@@ -243,14 +244,22 @@ def test_a_scoring_request_runs_between_the_token_steps_of_a_running_decode(tiny
     scores_alone = tiny_policy.logprobs(pairs, with_grad=True, adapter=other)
     batcher = Batcher(tiny_policy, wait_ms=0)
     tokens, started = [], threading.Event()
+    began = time.perf_counter()
     decoding = batcher.submit("generate", [GenerationRow(row.prompt, vector, max_new_tokens=400,
                                                          on_token=lambda i, t: tokens.append(t) or started.set())])
     started.wait()
+    scoring = time.perf_counter()
     scores = batcher.score([ScoreRow(tiny_policy._prompt_ids(m), tiny_policy._response_ids(r), other, True)
                             for m, r in pairs])
+    scored = time.perf_counter()
     tokens_when_scored = len(tokens)
     assert tokens_when_scored < 400  # it did not wait for the decode to end
     assert decoding[0].result()[0].tokens == expected.tokens  # and the decode was not disturbed
+    ended = time.perf_counter()
+    # The engine's load: the scoring pass counted as scoring, not as part of the decode it ran inside.
+    assert batcher.passes == {"generate": 1, "score": 1, "divergence": 0}
+    assert 0 < batcher.seconds["score"] <= scored - scoring and batcher.seconds["divergence"] == 0
+    assert 0 < batcher.seconds["generate"] and sum(batcher.seconds.values()) <= ended - began
     for lp, alone in zip(scores, scores_alone):
         assert lp.total == alone.total and torch.equal(lp.grad, alone.grad)
 
