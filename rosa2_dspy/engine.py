@@ -99,8 +99,9 @@ class Batcher:
         self._compute_lock = threading.RLock()  # re-entered by a scoring pass run between token steps
         self._held: list[_Job] = []  # taken from the queue but not fitting the pass that was running
         self.passes: dict[str, int] = {kind: 0 for kind in _PASSES}  # how many batched passes ran (for benchmarks)
-        # Seconds the model spent in each kind of pass (a decode's token steps and prefills count as "generate").
-        self.seconds: dict[str, float] = {kind: 0.0 for kind in _PASSES}
+        # Seconds the model spent (for benchmarks): a decode's token steps ("decode"), the rest of it, mostly
+        # prefilling the rows that join ("prefill"), and scoring passes ("score", "divergence").
+        self.seconds: dict[str, float] = {"prefill": 0.0, "decode": 0.0, "score": 0.0, "divergence": 0.0}
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[Generation]:
         return self._submit("generate", list(rows))
@@ -182,12 +183,15 @@ class Batcher:
         when its last row ends."""
         handles: dict[int, tuple[_Job, list[int]]] = {}  # first handle of a job -> (job, its handles)
         began, scoring = time.perf_counter(), self.seconds["score"] + self.seconds["divergence"]
+        stepped = self.seconds["decode"]
         try:
             with self._compute_lock, DecodeBatch(self.policy) as decode:
                 self._admit(decode, jobs, handles)
                 self.passes["generate"] += 1
                 while decode.size:
+                    stepping = time.perf_counter()
                     decode.step()
+                    self.seconds["decode"] += time.perf_counter() - stepping
                     for first, (job, own) in list(handles.items()):
                         if all(decode.results[h] is not None for h in own):
                             job.future.set_result([decode.results[h] for h in own])
@@ -200,8 +204,8 @@ class Batcher:
             for job in unfinished:
                 self._run_jobs([job])
         finally:  # the scoring passes run between its token steps are counted as scoring
-            nested = self.seconds["score"] + self.seconds["divergence"] - scoring
-            self.seconds["generate"] += time.perf_counter() - began - nested
+            counted = self.seconds["score"] + self.seconds["divergence"] - scoring + self.seconds["decode"] - stepped
+            self.seconds["prefill"] += time.perf_counter() - began - counted
 
     def _between_steps(self, decode: DecodeBatch, handles: dict) -> None:
         """Between two token steps of a running decode: scoring requests that wait run now, in passes of
