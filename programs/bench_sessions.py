@@ -15,7 +15,8 @@ Every figure is a ratio measured in one run on one machine, with the embedded mo
   experiment's default ``concurrency`` (8) over the same run with ``concurrency`` 1, with
   ``identical_share``: the share of turns whose answers are identical in both; ``by_concurrency`` has
   the same for each of ``--main-concurrency`` (default 8 and 16), with the engine's load (its passes'
-  seconds by kind and ``busy_share``, their sum over the wall time; ``programs.experiment.engine_load``); and ``adapt_over_generate`` — in the sequential joint-mode run,
+  seconds by kind and ``busy_share``, their sum over the wall time; ``programs.experiment.engine_load``);
+  and ``adapt_over_generate`` — in the sequential joint-mode run,
   the per-turn seconds of words + weights over the per-turn seconds of generation. Measurements that are
   not adaptation (the Theorem 4.1 shifts, the weights step's ``logprob_after`` of the responses its KL
   check did not score; ``rosa2_dspy.records.MEASUREMENTS``) are timed apart and reported beside it

@@ -38,11 +38,6 @@ import torch
 
 from rosa2_dspy.multi_lora import stack_adapters
 
-try:  # transformers >= 4.56: a cache is a list of layers
-    from transformers.cache_utils import DynamicLayer
-except ImportError:  # pragma: no cover - older transformers have no per-layer caches (supports_row_caches is False)
-    DynamicLayer = object
-
 if TYPE_CHECKING:
     from rosa2_dspy.policy import LoRAPolicy
 
@@ -98,92 +93,6 @@ def _next_tokens(logits: torch.Tensor, rows: Sequence[GenerationRow], generators
 def cache_keyword(model_class: type) -> str:
     """transformers >= 5.2x calls the KV cache argument ``cache``; earlier releases ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def supports_row_caches(model: torch.nn.Module) -> bool:
-    """Whether a KV cache of ``model`` can be cut, stacked and copied per row: every layer of its
-    ``DynamicCache`` is a plain ``DynamicLayer`` (no sliding window, no quantisation)."""
-    from transformers import DynamicCache
-
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
-
-
-class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` that appends each token's keys and values in place, into room kept at the end.
-
-    ``DynamicLayer.update`` concatenates: every decode step copies the whole cache, so a long answer costs
-    time quadratic in its length (at 7 rows of ~400 tokens, 28% of a step on a 2-core CPU). Here the
-    cache lives in a buffer with ``SPARE`` free positions; a step writes only its own token, and the
-    ``keys``/``values`` the model sees are views of the buffer's filled part. Dropping rows and leading
-    padding (:meth:`batch_select_indices`) and stacking rows (:meth:`stack`) copy once, into a fresh
-    buffer. Views handed out earlier (e.g. to :class:`PrefixCache`) never change: later tokens are written
-    past their end, and a layer never writes into a buffer it did not allocate (tensors assigned to
-    ``keys``/``values`` from outside are copied into a fresh buffer at the next update).
-    """
-
-    SPARE = 128
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._append("keys", key_states)
-        self._append("values", value_states)
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor, start: int = 0) -> None:
-        """Keep the rows at ``indices``, and the positions from ``start`` on."""
-        if self.get_seq_length() == 0:
-            return
-        for name in ("keys", "values"):
-            kept = getattr(self, name)[..., start:, :]
-            torch.index_select(kept, 0, indices, out=self._fresh(name, kept, len(indices), kept.shape[-2]))
-
-    def stack(self, other: DynamicLayer, width: int) -> None:
-        """Put ``other``'s rows below these, both left-padded with zeros to ``width`` positions."""
-        for name in ("keys", "values"):
-            ours, theirs = getattr(self, name), getattr(other, name)
-            rows = ours.shape[0]
-            filled = self._fresh(name, ours, rows + theirs.shape[0], width, zero=True)
-            filled[:rows, :, width - ours.shape[-2]:, :] = ours
-            filled[rows:, :, width - theirs.shape[-2]:, :] = theirs
-
-    def _fresh(self, name: str, like: torch.Tensor, rows: int, length: int, room: int = 0,
-               zero: bool = False) -> torch.Tensor:
-        """A new buffer for ``name`` with ``rows`` rows and ``length + room + SPARE`` positions; its first
-        ``length`` positions become ``name`` (and are returned, to be filled by the caller)."""
-        make = like.new_zeros if zero else like.new_empty
-        buffer = make((rows, like.shape[1], length + room + self.SPARE, like.shape[-1]))
-        if not hasattr(self, "_buffers"):
-            self._buffers: dict[str, torch.Tensor] = {}
-        self._buffers[name] = buffer
-        setattr(self, name, buffer[..., :length, :])
-        return getattr(self, name)
-
-    def _append(self, name: str, new: torch.Tensor) -> None:
-        filled, buffer = getattr(self, name), getattr(self, "_buffers", {}).get(name)
-        n, k = (filled.shape[-2] if filled.numel() else 0), new.shape[-2]
-        ours = buffer is not None and filled._base is buffer and filled.storage_offset() == 0 \
-            and filled.shape[:-2] == buffer.shape[:-2]
-        if not ours or n + k > buffer.shape[-2]:
-            old = filled
-            filled = self._fresh(name, new, new.shape[0], n, room=k)
-            if n:
-                filled[...] = old
-            buffer = self._buffers[name]
-        buffer[..., n : n + k, :] = new
-        setattr(self, name, buffer[..., : n + k, :])
-
-
-def row_cache(model: torch.nn.Module, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
-    """A KV cache for :class:`DecodeBatch`: one :class:`GrowingLayer` per layer of ``model`` (whose layers
-    must pass :func:`supports_row_caches`), filled with ``layers``' keys and values if given."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    cache.layers = [GrowingLayer() for _ in cache.layers]
-    for layer, (keys, values) in zip(cache.layers, layers or []):
-        layer.update(keys, values)
-    return cache
 
 
 def prefill_groups(lengths: Sequence[int], waste: float = PREFILL_WASTE) -> list[list[int]]:
@@ -288,6 +197,8 @@ class DecodeBatch:
         self.model, self.device = policy.causal_lm, policy.device
         self.eos, self.pad = policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
         self._cache_kw = cache_keyword(type(self.model))
+        from rosa2_dspy.kv_cache import row_cache, supports_row_caches
+
         # Rows can be merged into a running batch only when every cache layer is a plain DynamicLayer (no
         # sliding window or quantised cache); otherwise rows are prefilled together, as one group.
         self.mergeable = supports_row_caches(self.model)
@@ -380,6 +291,8 @@ class DecodeBatch:
     def _prefill_with_prefix(self, row: GenerationRow, vector: torch.Tensor):
         """One row: the KV of its longest cached prefix, each longer prefix prefilled on top (and cached),
         then the rest of its prompt."""
+        from rosa2_dspy.kv_cache import row_cache
+
         cuts, store = self._cuts(row), self.policy.prefix_cache
         keys = {cut: store.key(row.prompt[:cut], vector[0]) for cut in cuts}  # each hashes the adapter once
         self.policy.multi_lora.replace(vector)

@@ -99,8 +99,8 @@ class Batcher:
         self._compute_lock = threading.RLock()  # re-entered by a scoring pass run between token steps
         self._held: list[_Job] = []  # taken from the queue but not fitting the pass that was running
         self.passes: dict[str, int] = {kind: 0 for kind in _PASSES}  # how many batched passes ran (for benchmarks)
-        # Seconds the model spent (for benchmarks): a decode's token steps ("decode"), the rest of it, mostly
-        # prefilling the rows that join ("prefill"), and scoring passes ("score", "divergence").
+        # Seconds the model spent (for benchmarks): prefilling the rows that start or join a decode ("prefill"),
+        # its token steps ("decode"), and scoring passes ("score", "divergence"; also those run between steps).
         self.seconds: dict[str, float] = {"prefill": 0.0, "decode": 0.0, "score": 0.0, "divergence": 0.0}
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[Generation]:
@@ -182,8 +182,6 @@ class Batcher:
         token steps while there is room and no other kind of request waits; each job's future resolves
         when its last row ends."""
         handles: dict[int, tuple[_Job, list[int]]] = {}  # first handle of a job -> (job, its handles)
-        began, scoring = time.perf_counter(), self.seconds["score"] + self.seconds["divergence"]
-        stepped = self.seconds["decode"]
         try:
             with self._compute_lock, DecodeBatch(self.policy) as decode:
                 self._admit(decode, jobs, handles)
@@ -203,9 +201,6 @@ class Batcher:
                            err, len(unfinished))
             for job in unfinished:
                 self._run_jobs([job])
-        finally:  # the scoring passes run between its token steps are counted as scoring
-            counted = self.seconds["score"] + self.seconds["divergence"] - scoring + self.seconds["decode"] - stepped
-            self.seconds["prefill"] += time.perf_counter() - began - counted
 
     def _between_steps(self, decode: DecodeBatch, handles: dict) -> None:
         """Between two token steps of a running decode: scoring requests that wait run now, in passes of
@@ -233,6 +228,7 @@ class Batcher:
     def _admit(self, decode: DecodeBatch, jobs: list[_Job], handles: dict) -> None:
         """Prefill ``jobs``' rows into ``decode`` (one call, grouped by length inside). If that fails, each
         job is tried alone, so a bad request (e.g. an adapter of the wrong size) fails only its caller."""
+        began = time.perf_counter()
         try:
             own = decode.admit([row for job in jobs for row in job.rows])
         except Exception as err:
@@ -245,6 +241,7 @@ class Batcher:
             else:
                 jobs[0].future.set_exception(err)
             return
+        self.seconds["prefill"] += time.perf_counter() - began
         for job in jobs:
             mine, own = own[: len(job.rows)], own[len(job.rows):]
             handles[mine[0]] = (job, mine)

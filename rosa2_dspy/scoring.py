@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rosa2_dspy.decoding import cache_keyword, supports_row_caches
+from rosa2_dspy.decoding import cache_keyword
 from rosa2_dspy.multi_lora import stack_adapters
 
 if TYPE_CHECKING:
@@ -103,6 +103,8 @@ def score_rows(policy: "LoRAPolicy", rows: Sequence[ScoreRow], share_prompts: bo
         if row.reference is not None and row.reference.shape[0] != row.length - 1:
             raise ValueError(f"A reference holds the hidden states of {row.reference.shape[0]} positions; this row "
                              f"has {row.length - 1}. Pass the states kept (keep_hidden) from a pass over the same text.")
+    from rosa2_dspy.kv_cache import supports_row_caches
+
     groups: dict[tuple, list[int]] = {}
     sharing = share_prompts and supports_row_caches(policy.causal_lm)
     for i, row in enumerate(rows):

@@ -14,8 +14,9 @@ import dspy
 import pytest
 import torch
 
-from rosa2_dspy.decoding import DecodeBatch, GrowingLayer, PrefixCache, prefill_groups
+from rosa2_dspy.decoding import DecodeBatch, PrefixCache, prefill_groups
 from rosa2_dspy.engine import Batcher, GenerationRow, generate_rows
+from rosa2_dspy.kv_cache import GrowingLayer
 from rosa2_dspy.scoring import ScoreRow
 from rosa2_dspy.rosa2 import ROSA2
 from rosa2_dspy.weights import ROSAStep, ScoredResponse
