@@ -41,6 +41,10 @@ class GrowingLayer(DynamicLayer):
 
     SPARE = 128
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._buffers: dict[str, torch.Tensor] = {}  # "keys"/"values" -> the buffer this layer allocated
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -71,14 +75,12 @@ class GrowingLayer(DynamicLayer):
         ``length`` positions become ``name`` (and are returned, to be filled by the caller)."""
         make = like.new_zeros if zero else like.new_empty
         buffer = make((rows, like.shape[1], length + room + self.SPARE, like.shape[-1]))
-        if not hasattr(self, "_buffers"):
-            self._buffers: dict[str, torch.Tensor] = {}
         self._buffers[name] = buffer
         setattr(self, name, buffer[..., :length, :])
         return getattr(self, name)
 
     def _append(self, name: str, new: torch.Tensor) -> None:
-        filled, buffer = getattr(self, name), getattr(self, "_buffers", {}).get(name)
+        filled, buffer = getattr(self, name), self._buffers.get(name)
         n, k = (filled.shape[-2] if filled.numel() else 0), new.shape[-2]
         ours = buffer is not None and filled._base is buffer and filled.storage_offset() == 0 \
             and filled.shape[:-2] == buffer.shape[:-2]
