@@ -311,7 +311,7 @@ class DecodeBatch:
                                 attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                                 **{self._cache_kw: cache}).logits[:, -1]
             if end < len(row.prompt):
-                store.put(keys[end], [(layer.keys, layer.values) for layer in cache.layers])
+                store.put(keys[end], [layer.keep(end) for layer in cache.layers])
             done = end
         return cache, mask, positions[:, -1:] + 1, logits
 
@@ -343,7 +343,7 @@ class DecodeBatch:
             else:
                 keep.append(j)
         if len(keep) < len(self._alive):
-            self._select(keep)
+            keep = self._select(keep)
         if keep:
             tokens = tokens[torch.tensor(keep)] if finished else tokens
             self._mask = torch.cat([self._mask, self._mask.new_ones((len(keep), 1))], dim=1)
@@ -353,24 +353,34 @@ class DecodeBatch:
             self._next_position = self._next_position + 1
         return finished
 
-    def _select(self, keep: list[int]) -> None:
-        """Drop finished rows from the batch, its cache, its adapters; and padding no row needs any more."""
+    def _select(self, keep: list[int]) -> list[int]:
+        """Drop finished rows from the batch, its cache, its adapters; and padding no row needs any more.
+
+        Rows from the end of the batch fill the gaps that finished rows leave, so that the cache copies only
+        as many rows as left (:meth:`~rosa2_dspy.kv_cache.GrowingLayer.batch_select_indices`). Returns the
+        new order: row ``j`` of the batch is the old row ``order[j]``."""
+        order, staying = list(range(len(keep))), set(keep)  # new row j is old row order[j]
+        gaps = [j for j in order if j not in staying]
+        for gap, j in zip(gaps, [j for j in keep if j >= len(keep)]):
+            order[gap] = j
+        keep = order
         self._alive = [self._alive[j] for j in keep]
         if not keep:
             self._cache = self._mask = self._next_position = self._logits = self._vectors = None
             self.policy.multi_lora.replace(torch.zeros((0, self.policy.multi_lora.size), device=self.device))
-            return
+            return keep
         index = torch.tensor(keep, device=self.device)
         self._mask, self._next_position = self._mask[index], self._next_position[index]
         self._logits, self._vectors = self._logits[index], self._vectors[index]
         self.policy.multi_lora.select(index)
         if not self.mergeable:
             self._cache.batch_select_indices(index)
-            return
+            return keep
         unused = int((self._mask.sum(0) == 0).cumprod(0).sum())  # leading columns that are padding in every row
-        for layer in self._cache.layers:  # the rows kept and the columns they need, copied once
+        for layer in self._cache.layers:  # rows moved into the gaps, leading padding dropped, in place
             layer.batch_select_indices(index, start=unused)
         self._mask = self._mask[:, unused:]
+        return keep
 
 
 def generate_rows(policy: "LoRAPolicy", rows: Sequence[GenerationRow]) -> list[Generation]:

@@ -26,17 +26,26 @@ def supports_row_caches(model: torch.nn.Module) -> bool:
 
 
 class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` that appends each token's keys and values in place, into room kept at the end.
+    """A ``DynamicLayer`` whose rows are appended to, cut and stacked in place, in a buffer with room to spare.
 
     ``DynamicLayer.update`` concatenates: every decode step copies the whole cache, so a long answer costs
     time quadratic in its length (on a CPU, a large share of a step at several rows of a few hundred
-    tokens; ``speedup_8`` in ``results/bench_sessions.json`` went from 3.9 to 4.5 with this layer). Here the
-    cache lives in a buffer with ``SPARE`` free positions; a step writes only its own token, and the
-    ``keys``/``values`` the model sees are views of the buffer's filled part. Dropping rows and leading
-    padding (:meth:`batch_select_indices`) and stacking rows (:meth:`stack`) copy once, into a fresh
-    buffer. Views handed out earlier (e.g. to :class:`~rosa2_dspy.decoding.PrefixCache`) never change:
-    later tokens are written past their end, and a layer never writes into a buffer it did not allocate
-    (tensors assigned to ``keys``/``values`` from outside are copied into a fresh buffer at the next update).
+    tokens; ``speedup_8`` in ``results/bench_sessions.json`` went from 3.9 to 4.5 with appends in place).
+    Here ``keys``/``values`` are views ``buffer[:rows, :, start:end]`` of a buffer with ``SPARE`` free
+    positions on each side and, once rows have joined, free rows below:
+
+    * a token step writes only its own column (:meth:`update`);
+    * rows that join a running batch are written into free rows, and a longer newcomer widens the window
+      to the left (:meth:`stack`); the columns that become visible are zeroed, as padding is;
+    * rows that leave make the rows after them move up into the gaps, and leading padding that no row
+      needs any more is dropped by moving ``start`` (:meth:`batch_select_indices`): only moved rows are
+      copied.
+
+    A new buffer (with twice the rows, when rows ran out) is allocated only when the room runs out.
+    Views given out by :meth:`keep` (to :class:`~rosa2_dspy.decoding.PrefixCache`) never change: rows
+    never move within a buffer that gave one out, and later tokens are written past their end. Other views,
+    such as those :meth:`update` returns, hold until the layer next changes. A layer never writes into a
+    tensor it did not allocate (tensors assigned to ``keys``/``values`` from outside are copied first).
     """
 
     SPARE = 128
@@ -44,54 +53,92 @@ class GrowingLayer(DynamicLayer):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._buffers: dict[str, torch.Tensor] = {}  # "keys"/"values" -> the buffer this layer allocated
+        self._views: dict[str, torch.Tensor] = {}  # the views of them last set as keys/values
+        self._start = 0  # the buffer column where keys and values begin
+        self._kept = False  # keep() gave out views of these buffers: their rows never move
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._append("keys", key_states)
-        self._append("values", value_states)
+        rows, length, new = key_states.shape[0], self.get_seq_length(), key_states.shape[-2]
+        if length and rows != self.keys.shape[0]:
+            raise ValueError(f"This cache holds {self.keys.shape[0]} rows; an update brought {rows}.")
+        self._room(rows, after=new, like=(key_states, value_states))
+        end = self._start + length
+        for name, states in (("keys", key_states), ("values", value_states)):
+            self._buffers[name][:rows, :, end : end + new] = states
+            self._set(name, rows, self._start, end + new)
         return self.keys, self.values
 
+    def keep(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of the first ``end`` positions, as views that will never change."""
+        self._kept = True
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
     def batch_select_indices(self, indices: torch.Tensor, start: int = 0) -> None:
-        """Keep the rows at ``indices``, and the positions from ``start`` on."""
+        """Keep the rows at ``indices``, in that order, and the positions from ``start`` on."""
         if self.get_seq_length() == 0:
             return
+        self._room(self.keys.shape[0], fresh=self._kept)  # rows given out by keep() never move
+        begin, end = self._start + start, self._start + self.get_seq_length()
+        order = indices.tolist()
+        read_at = {i: j for j, i in enumerate(order)}
+        # Row by row in increasing j is safe when no row is written before it is read (rows that leave make
+        # room for rows after them, as DecodeBatch orders them); other orders gather the rows first.
+        row_by_row = all(i == j or read_at.get(j, -1) < j for j, i in enumerate(order))
         for name in ("keys", "values"):
-            kept = getattr(self, name)[..., start:, :]
-            torch.index_select(kept, 0, indices, out=self._fresh(name, kept, len(indices), kept.shape[-2]))
+            buffer = self._buffers[name]
+            if not row_by_row:
+                buffer[: len(order), :, begin:end] = buffer[indices, :, begin:end]
+            for j, i in enumerate(order if row_by_row else ()):
+                if i != j:
+                    buffer[j, :, begin:end] = buffer[i, :, begin:end]
+            self._set(name, len(order), begin, end)
+        self._start = begin
 
     def stack(self, other: DynamicLayer, width: int) -> None:
         """Put ``other``'s rows below these, both left-padded with zeros to ``width`` positions."""
+        rows, length, joining = self.keys.shape[0], self.get_seq_length(), other.keys.shape[0]
+        self._room(rows + joining, before=width - length, like=(other.keys, other.values))
+        end = self._start + length
+        begin = end - width
         for name in ("keys", "values"):
-            ours, theirs = getattr(self, name), getattr(other, name)
-            rows = ours.shape[0]
-            filled = self._fresh(name, ours, rows + theirs.shape[0], width, zero=True)
-            filled[:rows, :, width - ours.shape[-2]:, :] = ours
-            filled[rows:, :, width - theirs.shape[-2]:, :] = theirs
+            buffer, theirs = self._buffers[name], getattr(other, name)
+            buffer[:rows, :, begin : self._start] = 0
+            buffer[rows : rows + joining, :, begin : end - theirs.shape[-2]] = 0
+            buffer[rows : rows + joining, :, end - theirs.shape[-2] : end] = theirs
+            self._set(name, rows + joining, begin, end)
+        self._start = begin
 
-    def _fresh(self, name: str, like: torch.Tensor, rows: int, length: int, room: int = 0,
-               zero: bool = False) -> torch.Tensor:
-        """A new buffer for ``name`` with ``rows`` rows and ``length + room + SPARE`` positions; its first
-        ``length`` positions become ``name`` (and are returned, to be filled by the caller)."""
-        make = like.new_zeros if zero else like.new_empty
-        buffer = make((rows, like.shape[1], length + room + self.SPARE, like.shape[-1]))
-        self._buffers[name] = buffer
-        setattr(self, name, buffer[..., :length, :])
-        return getattr(self, name)
+    def _set(self, name: str, rows: int, start: int, end: int) -> None:
+        view = self._buffers[name][:rows, :, start:end]
+        self._views[name] = view
+        setattr(self, name, view)
 
-    def _append(self, name: str, new: torch.Tensor) -> None:
-        filled, buffer = getattr(self, name), self._buffers.get(name)
-        n, k = (filled.shape[-2] if filled.numel() else 0), new.shape[-2]
-        ours = buffer is not None and filled._base is buffer and filled.storage_offset() == 0 \
-            and filled.shape[:-2] == buffer.shape[:-2]
-        if not ours or n + k > buffer.shape[-2]:
-            old = filled
-            filled = self._fresh(name, new, new.shape[0], n, room=k)
-            if n:
-                filled[...] = old
-            buffer = self._buffers[name]
-        buffer[..., n : n + k, :] = new
-        setattr(self, name, buffer[..., : n + k, :])
+    def _ours(self) -> bool:
+        """``keys`` and ``values`` are still the views this layer set (not tensors assigned from outside)."""
+        return all(name in self._views and getattr(self, name) is self._views[name] for name in ("keys", "values"))
+
+    def _room(self, rows: int, after: int = 0, before: int = 0, like: tuple[torch.Tensor, torch.Tensor] | None = None,
+              fresh: bool = False) -> None:
+        """Make sure keys and values sit in buffers of this layer's with at least ``rows`` rows, ``before``
+        free positions before them and ``after`` after them; otherwise (or with ``fresh``) copy them into
+        new buffers (``like``: tensors with the heads, head size and dtype to allocate for)."""
+        buffer, length = self._buffers.get("keys"), self.get_seq_length()
+        if not fresh and self._ours() and rows <= buffer.shape[0] and before <= self._start \
+                and self._start + length + after <= buffer.shape[-2]:
+            return
+        had = buffer.shape[0] if buffer is not None else 0
+        capacity = max(rows, 2 * had) if 0 < had < rows else rows
+        start = before + self.SPARE
+        for name, model in zip(("keys", "values"), like or (self.keys, self.values)):
+            filled = getattr(self, name)
+            self._buffers[name] = model.new_empty((capacity, model.shape[1], start + length + after + self.SPARE,
+                                                   model.shape[-1]))
+            if length:
+                self._buffers[name][: filled.shape[0], :, start : start + length] = filled
+            self._set(name, filled.shape[0] if length else 0, start, start + length)
+        self._start, self._kept = start, False
 
 
 def row_cache(model: torch.nn.Module, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):

@@ -181,28 +181,57 @@ def test_the_prefix_cache_keeps_at_most_max_tokens():
     assert cache.key([1, 2], vector) != cache.key([1, 2], vector + 1)
 
 
-def test_a_growing_cache_layer_holds_what_a_dynamic_layer_holds_and_never_writes_into_views_it_gave_out():
+def test_a_growing_cache_layer_holds_what_concatenation_would_and_never_writes_into_views_it_kept():
     from transformers.cache_utils import DynamicLayer
 
     torch.manual_seed(0)
-    ours, theirs = GrowingLayer(), DynamicLayer()
     chunk = lambda n, b=2: (torch.randn(b, 3, n, 4), torch.randn(b, 3, n, 4))  # noqa: E731
-    given_out = []
+    pad = lambda t, width: torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))  # noqa: E731
+    ours, expected = GrowingLayer(), [torch.zeros(2, 3, 0, 4), torch.zeros(2, 3, 0, 4)]
+
+    def same() -> bool:
+        return torch.equal(ours.keys, expected[0]) and torch.equal(ours.values, expected[1])
+
+    def append(new) -> None:
+        ours.update(*new)
+        expected[:] = [torch.cat([e, n], dim=-2) for e, n in zip(expected, new)]
+
     for n in (5, 1, 1, GrowingLayer.SPARE, 1):  # the fourth chunk outgrows the room left in the buffer
-        new = chunk(n)
-        keys, values = ours.update(*new)
-        assert torch.equal(keys, theirs.update(*new)[0]) and torch.equal(values, theirs.values)
-        given_out.append((keys, keys.clone()))
-    buffer, new = ours._buffers["keys"], chunk(1)
-    ours.update(*new), theirs.update(*new)  # a token step appends in place: same buffer
-    assert ours._buffers["keys"] is buffer and torch.equal(ours.keys, theirs.keys)
-    index = torch.tensor([1])
-    ours.batch_select_indices(index), theirs.batch_select_indices(index)  # a finished row leaves
-    foreign, foreign_copy = ours.keys, ours.keys.clone()  # a tensor the layer did not allocate
-    new = chunk(2, b=1)
-    assert torch.equal(ours.update(*new)[0], theirs.update(*new)[0]) and torch.equal(ours.values, theirs.values)
-    assert ours._buffers["keys"] is not buffer and torch.equal(foreign, foreign_copy)
-    assert all(torch.equal(view, copy) for view, copy in given_out)
+        append(chunk(n))
+        assert same()
+    kept = ours.keep(3)
+    kept_copy = [t.clone() for t in kept]  # a prefix cache's entry
+    buffer = ours._buffers["keys"]
+    append(chunk(1))  # a token step appends in place: same buffer
+    assert ours._buffers["keys"] is buffer and same()
+
+    joining = DynamicLayer()
+    joining.update(*chunk(150, b=3))  # longer than ours: the window widens to the left, new buffer (more rows)
+    width = joining.keys.shape[-2]
+    ours.stack(joining, width)
+    expected[:] = [torch.cat([pad(e, width), pad(j, width)]) for e, j in zip(expected, (joining.keys, joining.values))]
+    assert same() and ours._buffers["keys"] is not buffer
+
+    index = torch.tensor([1, 3, 4])  # rows 0 and 2 leave, with the 4 leading columns no row needs
+    ours.batch_select_indices(index, start=4)
+    expected[:] = [e[index][..., 4:, :] for e in expected]
+    assert same()
+    buffer = ours._buffers["keys"]  # a copy: rows of a buffer that gave out kept views never move...
+    shorter = DynamicLayer()
+    shorter.update(*chunk(7, b=1))
+    ours.stack(shorter, ours.keys.shape[-2])  # ...then rows join into free rows, in place
+    expected[:] = [torch.cat([e, pad(t, e.shape[-2])]) for e, t in zip(expected, (shorter.keys, shorter.values))]
+    assert same() and ours._buffers["keys"] is buffer
+    ours.batch_select_indices(torch.tensor([0, 2, 3]), start=2)  # and leave in place
+    expected[:] = [e[[0, 2, 3]][..., 2:, :] for e in expected]
+    assert same() and ours._buffers["keys"] is buffer
+
+    ours.keys, ours.values = ours.keys.clone(), ours.values.clone()  # tensors the layer did not allocate
+    foreign = [ours.keys, ours.values, ours.keys.clone(), ours.values.clone()]
+    append(chunk(2, b=3))
+    assert same() and ours._buffers["keys"] is not buffer
+    assert torch.equal(foreign[0], foreign[2]) and torch.equal(foreign[1], foreign[3])
+    assert all(torch.equal(view, copy) for view, copy in zip(kept, kept_copy))
 
 
 def test_engine_decoding_equals_transformers_generate(tiny_policy):
