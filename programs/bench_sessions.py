@@ -25,6 +25,8 @@ Every figure is a ratio measured in one run on one machine, with the embedded mo
   The concurrent run is exactly ``make run``; its results are also written as the main job's
   (``results/<config name>.json`` and plot), so the two are one measurement.
 
+* ``width`` (only when asked for: ``--parts width``) — why scoring passes join only requests of equal
+  padded width: a row's log-prob and gradient alone vs beside a longer row, bit for bit.
 * ``ceiling`` (only when asked for: ``--parts ceiling``) — the share of this device's practical peak
   FLOP/s (a large matrix product) that the model's forward and forward + backward reach on one DSPy
   prompt and answer, one row and 4 at once: a pass at share s can gain at most 1/s from batching.
@@ -252,6 +254,34 @@ def bench_ceiling(policy: LoRAPolicy, batches: tuple[int, ...] = (1, 4)) -> dict
             "most_batching_can_gain": {k: 1 / v for k, v in share.items()}}
 
 
+def bench_score_width(policy: LoRAPolicy, pairs: int = 6) -> dict[str, Any]:
+    """Why a scoring pass joins only requests of equal padded width: one (prompt, answer) row's log-prob and
+    adapter gradient computed alone, and beside a longer row (so right-padded to a wider pass), for
+    ``pairs`` intent questions. ``log_prob_identical_share`` / ``grad_identical_share``: the share of rows
+    whose log-prob / gradient is bit for bit the same both ways; ``max_relative_grad_difference``: the
+    largest entry of the difference over the largest of the gradient."""
+    from rosa2_dspy.scoring import ScoreRow, score_rows, score_width
+
+    adapter, signature = LenientChatAdapter(), dspy.Signature("question -> answer")
+    vectors = distinct_adapters(policy, 2)
+    rows, same_log_prob, same_grad, worst = [], 0, 0, 0.0
+    for example in load_task("intent", limit=pairs, spread=True):
+        prompt = policy._prompt_ids(adapter.format(signature, demos=[], inputs={"question": example.question}))
+        answer = policy._response_ids(adapter.format_assistant_message_content(signature, {"answer": example.answer}))
+        row = ScoreRow(prompt, answer, vectors[0], with_grad=True)
+        longer = ScoreRow(prompt * 3, answer, vectors[1], with_grad=True)
+        alone = score_rows(policy, [row], share_prompts=False)[0]
+        beside = score_rows(policy, [row, longer], share_prompts=False)[0]
+        same_log_prob += alone.total == beside.total
+        same_grad += bool(torch.equal(alone.grad, beside.grad))
+        worst = max(worst, float((alone.grad - beside.grad).abs().max() / alone.grad.abs().max()))
+        rows.append({"question": example.question[:40], "width alone": score_width([row]),
+                     "width beside": score_width([row, longer]), "log-prob difference": alone.total - beside.total,
+                     "gradient identical": bool(torch.equal(alone.grad, beside.grad))})
+    return {"rows": rows, "log_prob_identical_share": same_log_prob / len(rows),
+            "grad_identical_share": same_grad / len(rows), "max_relative_grad_difference": worst}
+
+
 def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit: int | None = None,
                    concurrencies: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
     """The main job's config run with ``concurrency`` 1 and with each of ``concurrencies``. ``actor``
@@ -333,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = {"generation": lambda: bench_generation(actor.policy, args.max_new_tokens, conversations),
              "weights": lambda: bench_weights(actor.policy),
              "ceiling": lambda: bench_ceiling(actor.policy),
+             "width": lambda: bench_score_width(actor.policy),
              # Another model than the embedded one: the main job's conversations run on it too.
              "main": lambda: bench_main_job(args.config, limit=args.main_tasks, concurrencies=main_concurrency, actor=None if args.model == "embedded"
                                             else {"model": str(model), "device": args.device, "dtype": args.dtype})}

@@ -1,4 +1,4 @@
-"""The `ceiling` part of programs.bench_sessions: FLOPs counted, not guessed."""
+"""The `ceiling` and `width` parts of programs.bench_sessions: FLOPs counted, not guessed; padding measured."""
 
 import pytest
 
@@ -18,3 +18,13 @@ def test_the_ceiling_counts_the_flops_of_each_pass_and_relates_them_to_the_peak(
     # The backward pass adds arithmetic to the forward's (the activations' gradients at least).
     assert by_key[("forward + backward", 1)]["GFLOP"] > by_key[("forward", 1)]["GFLOP"]
     assert result["most_batching_can_gain"]["forward, 1 row"] == pytest.approx(1 / by_key[("forward", 1)]["share of peak"])
+
+
+def test_a_row_scored_beside_a_longer_row_keeps_its_log_prob_and_its_gradient_within_float_rounding(tiny_policy):
+    from programs.bench_sessions import bench_score_width
+
+    result = bench_score_width(tiny_policy, pairs=2)
+    assert len(result["rows"]) == 2
+    assert all(r["width beside"] > r["width alone"] for r in result["rows"])  # really a wider pass
+    assert result["log_prob_identical_share"] == 1.0  # right padding: the forward sees nothing of the padding
+    assert 0 <= result["max_relative_grad_difference"] < 1e-5
