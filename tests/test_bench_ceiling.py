@@ -26,5 +26,7 @@ def test_a_row_scored_beside_a_longer_row_keeps_its_log_prob_and_its_gradient_wi
     result = bench_score_width(tiny_policy, pairs=2)
     assert len(result["rows"]) == 2
     assert all(r["width beside"] > r["width alone"] for r in result["rows"])  # really a wider pass
-    assert result["log_prob_identical_share"] == 1.0  # right padding: the forward sees nothing of the padding
+    # Right padding hides the padding from every real token: equal up to float rounding (bit for bit or not,
+    # depending on the kernels; what the part is there to measure).
+    assert all(abs(r["log-prob difference"]) < 1e-4 for r in result["rows"])
     assert 0 <= result["max_relative_grad_difference"] < 1e-5
