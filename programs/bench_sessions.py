@@ -12,7 +12,7 @@ Every figure is a ratio measured in one run on one machine, with the embedded mo
   ``weights_step_speedup_vs_pre_issue`` vs the passes as they were before batching (one PEFT forward and
   backward per response, logits over every position); the largest relative difference of the Δθ.
 * ``main_job_speedup`` — the main job's config (``programs/configs/default.json``) run with the
-  experiment's default ``concurrency`` (8) over the same run with ``concurrency`` 1, with
+  experiment's default ``concurrency`` (16) over the same run with ``concurrency`` 1, with
   ``identical_share``: the share of turns whose answers are identical in both; ``by_concurrency`` has
   the same for each of ``--main-concurrency`` (default 8 and 16), with the engine's load (its passes'
   seconds by kind and ``busy_share``, their sum over the wall time; ``programs.experiment.engine_load``);

@@ -34,7 +34,7 @@ takes ``per_kind``) pick the problems: ``split`` ``"test"`` (what the shipped co
 (for tuning); ``limit`` is their number. Examples that carry ``steps`` (the generated math problems) are also reported by step
 count: ``results["by_steps"][mode][steps]`` is the share solved by the last turn, with its interval.
 
-``concurrency`` (default 8; ``--concurrency``) is how many conversations run at once: every (mode, task)
+``concurrency`` (default 16; ``--concurrency``) is how many conversations run at once: every (mode, task)
 interaction is a call of ``ROSA2.interact`` on a thread pool, the way a user serves many users from one
 instance, so a local actor batches them. Each interaction starts from θ0 and the original words in a
 session of its own, so the records equal the sequential run's (``--concurrency 1``) up to the last bits
@@ -116,9 +116,10 @@ from rosa2_dspy.local_lm import make_adapter
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROGRAMS = {"predict": dspy.Predict, "cot": dspy.ChainOfThought}
 SERVED_MODES = ("static", "prompt-only")
-# Conversations at once. On the 2-core CPU 16 ran the main job no faster than 8 (results/bench_sessions.json,
-# main.by_concurrency): the model is busy nearly all the time either way.
-DEFAULT_CONCURRENCY = 8
+# Conversations at once. On the 2-core CPU 16 ran the main job no faster than 8 while joining or leaving a
+# running decode copied every row's KV cache; since rows move in place, 16 is faster (results/bench_sessions.json,
+# main.by_concurrency). The model is busy nearly all the time either way.
+DEFAULT_CONCURRENCY = 16
 
 
 def load_config(path_or_name: str) -> dict[str, Any]:
