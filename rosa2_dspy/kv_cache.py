@@ -37,9 +37,9 @@ class GrowingLayer(DynamicLayer):
     * a token step writes only its own column (:meth:`update`);
     * rows that join a running batch are written into free rows, and a longer newcomer widens the window
       to the left (:meth:`stack`); the columns that become visible are zeroed, as padding is;
-    * rows that leave make the rows after them move up into the gaps, and leading padding that no row
-      needs any more is dropped by moving ``start`` (:meth:`batch_select_indices`): only moved rows are
-      copied.
+    * rows that leave are replaced by rows from the end of the batch (the order DecodeBatch asks for), and
+      leading padding that no row needs any more is dropped by moving ``start``
+      (:meth:`batch_select_indices`): only moved rows are copied.
 
     A new buffer (with twice the rows, when rows ran out) is allocated only when the room runs out.
     Views given out by :meth:`keep` (to :class:`~rosa2_dspy.decoding.PrefixCache`) never change: rows
