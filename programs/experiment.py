@@ -23,7 +23,8 @@ model string prefixed ``"litellm:"`` for a served actor (then only ``static`` an
 ``weights.max_history`` (optional) keeps at most that many earlier answers in a ROSA step (``ROSAStep``).
 ``refiner.lm`` is ``"actor"`` or any litellm model string. ``actor.adapter`` (optional) is the DSPy adapter,
 ``"plain"`` or ``"chat"``; without it a local actor uses ``LocalLM``'s default (``DEFAULT_ADAPTER``) and a
-served one ``LenientChatAdapter``.
+served one ``LenientChatAdapter``. ``actor.max_batch`` (optional) is a local actor's most rows per pass
+(``LocalLM(max_batch=...)``, default 16).
 
 ``compare_words`` (default true) makes the joint mode compute each weights step under the original words too
 (the Theorem 4.1 comparison): one more gradient pass per turn, as costly as the step's own (see
@@ -139,7 +140,7 @@ def build_actor(actor: dict[str, Any]) -> dspy.BaseLM:
         return dspy.LM(model.removeprefix("litellm:"), max_tokens=actor.get("max_tokens", 256), temperature=0.0)
     lora = LoRASettings(**actor["lora"]) if "lora" in actor else None
     return LocalLM(model, device=actor.get("device", "cpu"), dtype=actor.get("dtype", "float32"), lora=lora,
-                   max_tokens=actor.get("max_tokens", 128), adapter=actor.get("adapter"))
+                   max_tokens=actor.get("max_tokens", 128), adapter=actor.get("adapter"), max_batch=actor.get("max_batch"))
 
 
 def build_refiner(refiner: dict[str, Any], actor: dspy.BaseLM) -> dspy.BaseLM:
