@@ -264,7 +264,7 @@ def bench_score_width(policy: LoRAPolicy, pairs: int = 6) -> dict[str, Any]:
 
     adapter, signature = LenientChatAdapter(), dspy.Signature("question -> answer")
     vectors = distinct_adapters(policy, 2)
-    rows, same_log_prob, same_grad, worst = [], 0, 0, 0.0
+    rows = []
     for example in load_task("intent", limit=pairs, spread=True):
         prompt = policy._prompt_ids(adapter.format(signature, demos=[], inputs={"question": example.question}))
         answer = policy._response_ids(adapter.format_assistant_message_content(signature, {"answer": example.answer}))
@@ -272,14 +272,15 @@ def bench_score_width(policy: LoRAPolicy, pairs: int = 6) -> dict[str, Any]:
         longer = ScoreRow(prompt * 3, answer, vectors[1], with_grad=True)
         alone = score_rows(policy, [row], share_prompts=False)[0]
         beside = score_rows(policy, [row, longer], share_prompts=False)[0]
-        same_log_prob += alone.total == beside.total
-        same_grad += bool(torch.equal(alone.grad, beside.grad))
-        worst = max(worst, float((alone.grad - beside.grad).abs().max() / alone.grad.abs().max()))
         rows.append({"question": example.question[:40], "width alone": score_width([row]),
                      "width beside": score_width([row, longer]), "log-prob difference": alone.total - beside.total,
-                     "gradient identical": bool(torch.equal(alone.grad, beside.grad))})
-    return {"rows": rows, "log_prob_identical_share": same_log_prob / len(rows),
-            "grad_identical_share": same_grad / len(rows), "max_relative_grad_difference": worst}
+                     "gradient identical": bool(torch.equal(alone.grad, beside.grad)),
+                     "relative gradient difference":
+                         float((alone.grad - beside.grad).abs().max() / alone.grad.abs().max())})
+    return {"rows": rows,
+            "log_prob_identical_share": sum(r["log-prob difference"] == 0 for r in rows) / len(rows),
+            "grad_identical_share": sum(r["gradient identical"] for r in rows) / len(rows),
+            "max_relative_grad_difference": max(r["relative gradient difference"] for r in rows)}
 
 
 def bench_main_job(config_name: str, actor: dict[str, Any] | None = None, limit: int | None = None,
